@@ -1,0 +1,30 @@
+"""The contract every retriever kind meets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from actors.types import Hit, Query
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """Answers a batch of queries with one ranked hit list per query.
+
+    Batched by nature so that a deployment can hand it everything `@serve.batch` collected and
+    the model encodes all of it in one call.
+    """
+
+    name: str
+    kind: str
+
+    def search(self, queries: Sequence[Query]) -> list[list[Hit]]: ...
+
+    def describe(self) -> dict[str, Any]:
+        """A short summary for `/v1/retrievers`: doc count, model, index type."""
+        ...
+
+    def check(self) -> None:
+        """Raise RetrieverFailed if the index is not loaded or is unusable."""
+        ...

@@ -1,0 +1,58 @@
+"""The Serve deployment that hosts one retriever.
+
+Each configured retriever becomes its own deployment, named after it, built from this class with
+`RetrieverDeployment.options(name=..., ray_actor_options=..., ...)`. Every replica is a Ray actor
+that loads its model and index once, in `__init__`. Concurrent calls are gathered by `@serve.batch`
+so the model encodes them in one call, and that call runs in a worker thread so the replica's
+event loop stays free to accept and cancel requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from ray import serve
+
+from actors.embedder import limit_threads
+from actors.factory import RetrieverSpec, open_retriever
+from actors.types import FilterValue, Hit, Query
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(logging_config={"enable_access_log": False})
+class RetrieverDeployment:
+    def __init__(
+        self,
+        spec: RetrieverSpec,
+        *,
+        num_cpus: float = 1.0,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.002,
+    ) -> None:
+        self.spec = spec
+        self.threads = limit_threads(num_cpus)
+        self.retriever = open_retriever(spec)
+        self._search_batch.set_max_batch_size(max_batch_size)
+        self._search_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        logger.info("retriever %s (%s) ready: %s", spec.name, spec.kind, self.retriever.describe())
+
+    async def search(
+        self, text: str, top_k: int = 10, filters: Mapping[str, FilterValue] | None = None
+    ) -> list[Hit]:
+        return await self._search_batch(Query(text=text, top_k=top_k, filters=filters))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _search_batch(self, queries: list[Query]) -> list[list[Hit]]:
+        # Encoding and index search hold the GIL for milliseconds to seconds: keep them off the loop.
+        return await asyncio.to_thread(self.retriever.search, queries)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.spec.name, "kind": self.spec.kind, "threads": self.threads, **self.retriever.describe()}
+
+    def check_health(self) -> None:
+        """Called by Serve periodically; raising marks the replica unhealthy and replaces it."""
+        self.retriever.check()

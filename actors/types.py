@@ -1,0 +1,63 @@
+"""Value types shared by every retriever kind.
+
+Plain dataclasses with no Ray or torch imports, so the gateway, the tests and the client can use
+them without loading a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+FilterValue = str | int | float | bool
+Filters = Mapping[str, FilterValue]
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One unit of retrievable text: a passage, an abstract, a persona snippet."""
+
+    doc_id: str
+    text: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.doc_id:
+            raise ValueError("Document.doc_id must be a non-empty string")
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One ranked answer from one retriever."""
+
+    doc_id: str
+    score: float
+    text: str
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """One query as a retriever sees it inside a batch."""
+
+    text: str
+    top_k: int = 10
+    filters: Filters | None = None
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+
+
+def matches(metadata: Mapping[str, str], filters: Filters | None) -> bool:
+    """Exact match of every filter key against a document's metadata (values compared as text)."""
+    if not filters:
+        return True
+    return all(metadata.get(key) == filter_text(value) for key, value in filters.items())
+
+
+def filter_text(value: FilterValue) -> str:
+    # JSON `true` should match metadata written as "true", not Python's "True".
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

@@ -1,0 +1,174 @@
+"""The `ragfan` command: `ragfan serve` runs the service, `ragfan query` asks it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from actors.errors import RagError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ragfan", description="Parallel multi-retriever search on Ray Serve.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve_p = sub.add_parser("serve", help="start the service (embedded default config unless --config)")
+    serve_p.add_argument("--config", help="ragfan YAML config (default: the embedded demo)")
+    serve_p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    serve_p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    serve_p.add_argument("--address", help="join this Ray cluster (e.g. auto, ray://host:10001) instead of starting one")
+
+    query_p = sub.add_parser("query", help="search a running service and print the fused results")
+    query_p.add_argument("text", help="the query")
+    query_p.add_argument("--top-k", type=int, default=10)
+    query_p.add_argument("--retrievers", help="comma-separated names (default: all)")
+    query_p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help="metadata filter; repeatable")
+    query_p.add_argument("--timeout-ms", type=int, help="lower every retriever's deadline")
+    query_p.add_argument("--url", default=os.environ.get("RAGFAN_URL", DEFAULT_URL), help=f"default {DEFAULT_URL}")
+    query_p.add_argument("--json", action="store_true", help="print the raw JSON response")
+
+    args = parser.parse_args(argv)
+    try:
+        return serve(args) if args.command == "serve" else query(args)
+    except RagError as exc:
+        print(f"ragfan: error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+# -- serve ---------------------------------------------------------------------------------
+def serve(args: argparse.Namespace) -> int:
+    from serve_app.app import app_from_config, prepare_indexes
+    from serve_app.config import load_config
+
+    config = load_config(args.config)
+    if config.enabled:
+        prepare_indexes(config)
+    else:
+        print("ragfan: disabled (RAGFAN_DISABLED or enabled: false): every search answers empty, no model loads")
+
+    import ray
+    from ray import serve as ray_serve
+
+    own_cluster = args.address is None
+    if own_cluster:
+        needed = config.gateway.ray_actor_options.num_cpus + sum(
+            r.ray_actor_options.num_cpus * (r.autoscaling_config or {}).get("max_replicas", r.num_replicas or 1)
+            for r in config.retrievers
+        )
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False)
+    else:
+        ray.init(address=args.address)
+
+    def _terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    started = time.perf_counter()
+    try:
+        ray_serve.start(http_options={"host": args.host, "port": args.port})
+        ray_serve.run(app_from_config(config), name=config.app_name, route_prefix="/")
+        url = f"http://{args.host}:{args.port}"
+        print(textwrap.dedent(f"""
+            ragfan is ready at {url} ({len(config.retrievers)} retrievers, up in {time.perf_counter() - started:.1f} s)
+              API docs:  {url}/docs
+              try:       ragfan query "vitamin D and multiple sclerosis" --url {url}
+                         curl -s {url}/v1/search -H 'content-type: application/json' \\
+                              -d '{{"query": "vitamin D and multiple sclerosis", "top_k": 5}}'
+              Python:    from serve_app.client import RagClient; RagClient().search("...")
+            Ctrl-C stops the app{" and the Ray cluster it started" if own_cluster else ""}.
+            """), flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nragfan: stopping ...", flush=True)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        if own_cluster:
+            ray_serve.shutdown()
+            ray.shutdown()
+        else:
+            ray_serve.delete(config.app_name)
+        print("ragfan: stopped", flush=True)
+    return 0
+
+
+# -- query ---------------------------------------------------------------------------------
+def query(args: argparse.Namespace) -> int:
+    import httpx
+
+    body: dict[str, Any] = {"query": args.text, "top_k": args.top_k}
+    if args.retrievers:
+        body["retrievers"] = [r.strip() for r in args.retrievers.split(",") if r.strip()]
+    if args.filter:
+        filters = {}
+        for item in args.filter:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                print(f"ragfan: error: --filter expects KEY=VALUE, got {item!r}", file=sys.stderr)
+                return 2
+            filters[key] = value
+        body["filters"] = filters
+    if args.timeout_ms is not None:
+        body["timeout_ms"] = args.timeout_ms
+    url = args.url.rstrip("/") + "/v1/search"
+    try:
+        response = httpx.post(url, json=body, timeout=60)
+    except httpx.HTTPError as exc:
+        print(f"ragfan: error: cannot reach ragfan at {args.url} ({exc}). Is `make serve` running?", file=sys.stderr)
+        return 1
+    try:
+        payload = response.json()
+    except ValueError:
+        print(f"ragfan: error: {url} answered {response.status_code} with non-JSON: {response.text[:200]}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(payload, indent=2))
+        return 0 if response.status_code == 200 else 1
+    if response.status_code == 422:
+        for err in payload.get("detail", []):
+            field = ".".join(str(p) for p in err.get("loc", [])[1:]) or "body"
+            print(f"ragfan: invalid request: {field}: {err.get('msg')}", file=sys.stderr)
+        return 2
+    if response.status_code == 503:
+        detail = payload.get("detail", {})
+        print(f"ragfan: unavailable: {detail.get('message')}", file=sys.stderr)
+        for name, reason in detail.get("retrievers", {}).items():
+            print(f"  {name}: {reason.get('status')}: {reason.get('error')}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"ragfan: error: HTTP {response.status_code}: {payload}", file=sys.stderr)
+        return 1
+    print(format_response(payload))
+    return 0
+
+
+def format_response(r: dict[str, Any], width: int = 100) -> str:
+    lines = [f"{'#':>2}  {'score':>7}  {'id':<22} {'found by (retriever#rank)':<34} text"]
+    for i, res in enumerate(r["results"], start=1):
+        found = " ".join(f"{s['retriever']}#{s['rank']}" for s in res["sources"])
+        text = " ".join(res["text"].split())
+        room = max(20, width - 70)
+        lines.append(f"{i:>2}  {res['score']:7.4f}  {res['id'][:22]:<22} {found[:34]:<34} {text[:room]}")
+    if not r["results"]:
+        lines.append("    (no results)")
+    lines.append("")
+    lines.append(f"{'retriever':<12} {'status':<8} {'latency':>10} {'hits':>5}  error")
+    for name, s in r["retrievers"].items():
+        latency = f"{s['latency_ms']:.1f} ms" if s.get("latency_ms") is not None else "-"
+        lines.append(f"{name:<12} {s['status']:<8} {latency:>10} {s['num_hits']:>5}  {s.get('error') or ''}")
+    lines.append(f"\ndegraded: {'yes' if r['degraded'] else 'no'}   total: {r['latency_ms']:.1f} ms")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

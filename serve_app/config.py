@@ -1,0 +1,221 @@
+"""The one YAML file that declares the app and its retrievers, validated once with pydantic.
+
+Relative paths in the file are resolved against the file's own directory. `RAGFAN_DISABLED=true`
+overrides `enabled`. An invalid file raises ConfigError naming the bad key, e.g.
+`retrievers.1.timeout_ms: Input should be greater than 0`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from actors.factory import RetrieverSpec
+from serve_app.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).parent / "demo" / "config.yaml"
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """`1073741824`, `"1GiB"`, `"512 MiB"` -> bytes."""
+    if isinstance(value, int | float):
+        return int(value)
+    match = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", value)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected bytes such as 1073741824 or '1GiB', got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ActorOptions(_Strict):
+    """Resources each replica declares to Ray; the scheduler places replicas by them."""
+
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per replica; torch/FAISS threads follow it")
+    memory: int | None = Field(None, description="memory reserved per replica, bytes or '1GiB'")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica")
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, v: Any) -> Any:
+        return None if v is None else parse_bytes(v)
+
+    def to_ray(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class BatchConfig(_Strict):
+    max_batch_size: int = Field(16, ge=1, le=512, description="queries encoded together at most")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="how long a batch waits to fill")
+
+
+class ScalingConfig(_Strict):
+    num_replicas: int | None = Field(1, ge=1, description="fixed replica count (ignored with autoscaling)")
+    autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling_config")
+    max_ongoing_requests: int = Field(32, ge=1, description="concurrent requests per replica")
+
+    def serve_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"max_ongoing_requests": self.max_ongoing_requests}
+        if self.autoscaling_config:
+            options["autoscaling_config"] = self.autoscaling_config
+        else:
+            options["num_replicas"] = self.num_replicas
+        return options
+
+
+_KIND_FIELDS = {
+    "index": "dense",
+    "aliases": "graph",
+    "hops": "graph",
+    "language": "keyword",
+    "delay_ms": "synthetic",
+    "fail": "synthetic",
+}
+
+
+class RetrieverConfig(ScalingConfig):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,39}$", description="deployment name and API name")
+    kind: Literal["dense", "keyword", "graph", "synthetic"]
+    data: Path = Field(description="documents (JSONL) or, for graph, triples (JSONL)")
+    model: str = Field("default", description="'default' (bundled all-MiniLM-L6-v2), a model name or a path")
+    text_field: str = "text"
+    index: Literal["flat", "hnsw"] = "flat"
+    aliases: Path | None = None
+    hops: int = Field(2, ge=1, le=4)
+    language: str = "english"
+    delay_ms: float = Field(0, ge=0)
+    fail: Literal["never", "always"] = "never"
+    top_k: int = Field(20, ge=1, le=1000, description="hits this retriever contributes to fusion")
+    timeout_ms: int = Field(1000, ge=1, le=600_000, description="deadline for this retriever's answer")
+    weight: float = Field(1.0, ge=0, description="weight in fusion")
+    filter_keys: list[str] = Field([], description="metadata keys this retriever filters on")
+    ray_actor_options: ActorOptions = ActorOptions()
+    batch: BatchConfig = BatchConfig()
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> RetrieverConfig:
+        for key, kind in _KIND_FIELDS.items():
+            if key in self.model_fields_set and self.kind != kind:
+                raise ValueError(f"`{key}` applies to kind {kind!r} only, not {self.kind!r}")
+        return self
+
+    def spec(self, cache_dir: Path | None) -> RetrieverSpec:
+        params: dict[str, Any] = {"text_field": self.text_field}
+        if self.kind == "dense":
+            params["index_type"] = self.index
+        elif self.kind == "graph":
+            params.update(hops=self.hops, aliases=str(self.aliases) if self.aliases else None)
+        elif self.kind == "keyword":
+            params["language"] = self.language
+        elif self.kind == "synthetic":
+            params.update(delay_ms=self.delay_ms, fail=self.fail)
+        return RetrieverSpec(
+            name=self.name,
+            kind=self.kind,
+            data=str(self.data),
+            model=self.model,
+            params=params,
+            cache_dir=str(cache_dir) if cache_dir else None,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """What `/v1/retrievers` shows of the config."""
+        keep = {"model", "index"} if self.kind == "dense" else {"model", "hops"} if self.kind == "graph" else set()
+        return {
+            "data": self.data.name,
+            "top_k": self.top_k,
+            "timeout_ms": self.timeout_ms,
+            "weight": self.weight,
+            "filter_keys": self.filter_keys,
+            **{k: getattr(self, k) for k in sorted(keep)},
+            "num_replicas": None if self.autoscaling_config else self.num_replicas,
+            "autoscaling": bool(self.autoscaling_config),
+            **self.ray_actor_options.to_ray(),
+        }
+
+
+class FusionConfig(_Strict):
+    method: Literal["rrf"] = "rrf"
+    k: int = Field(60, ge=1, description="RRF constant: score = sum(weight / (k + rank))")
+
+
+class GatewayConfig(ScalingConfig):
+    max_ongoing_requests: int = 200
+    ray_actor_options: ActorOptions = ActorOptions(num_cpus=0.25)
+
+
+class AppConfig(_Strict):
+    app_name: str = Field("ragfan", pattern=r"^[A-Za-z0-9_-]+$")
+    enabled: bool = Field(True, description="false: answer every search at once, empty, loading nothing")
+    cache_dir: Path | None = Field(None, description="index cache; default $RAGFAN_CACHE_DIR or ~/.cache/ragfan")
+    max_query_chars: int = Field(8192, ge=1)
+    fusion: FusionConfig = FusionConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    retrievers: list[RetrieverConfig] = Field(min_length=1)
+
+    @field_validator("retrievers")
+    @classmethod
+    def _unique_names(cls, retrievers: list[RetrieverConfig]) -> list[RetrieverConfig]:
+        names = [r.name for r in retrievers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"retriever names must be unique; repeated: {', '.join(dupes)}")
+        if "gateway" in names:
+            raise ValueError("'gateway' is reserved for the ingress deployment")
+        return retrievers
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.retrievers]
+
+    def retriever(self, name: str) -> RetrieverConfig:
+        return next(r for r in self.retrievers if r.name == name)
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Any, *, base_dir: Path, source: str = "<config>") -> AppConfig:
+    """Validate a config mapping; relative paths resolve against `base_dir`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level")
+    try:
+        config = AppConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None
+    for r in config.retrievers:
+        r.data = (base_dir / r.data).resolve()
+        if r.aliases is not None:
+            r.aliases = (base_dir / r.aliases).resolve()
+    if config.cache_dir is not None:
+        config.cache_dir = (base_dir / config.cache_dir.expanduser()).resolve()
+    if os.environ.get("RAGFAN_DISABLED", "").strip().lower() in {"1", "true", "yes", "on"}:
+        config.enabled = False
+    return config
+
+
+def load_config(path: str | Path | None = None) -> AppConfig:
+    """Load and validate a config file; None means the embedded default."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return parse_config(raw, base_dir=path.resolve().parent, source=str(path))

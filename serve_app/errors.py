@@ -1,0 +1,36 @@
+"""Errors of the service layer. See `actors.errors` for the whole tree; all derive from RagError."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.errors import DataError, RagError, RetrieverFailed
+
+
+class ConfigError(RagError):
+    """The config file is missing, unreadable or invalid. The message names the bad key."""
+
+
+class InvalidRequest(RagError):
+    """A search request is invalid. `errors` follows FastAPI's 422 shape: loc, msg, type."""
+
+    def __init__(self, message: str, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or [{"loc": ["body"], "msg": message, "type": "value_error"}]
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.errors))
+
+
+class NoRetrieverAvailable(RagError):
+    """Every selected retriever failed. `reasons` maps each retriever to why."""
+
+    def __init__(self, message: str, reasons: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.reasons = reasons or {}
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.reasons))
+
+
+__all__ = ["ConfigError", "DataError", "InvalidRequest", "NoRetrieverAvailable", "RagError", "RetrieverFailed"]

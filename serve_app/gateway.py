@@ -1,0 +1,200 @@
+"""The ingress deployment: validate, fan out with deadlines, fuse, answer.
+
+HTTP routes and the Python client share one code path, `Gateway.search`; errors become HTTP
+statuses in one place, the exception handlers at the bottom of this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app import __version__
+from serve_app.config import AppConfig
+from serve_app.errors import InvalidRequest, NoRetrieverAvailable
+from serve_app.fanout import Call, Outcome, fan_out
+from serve_app.fusion import reciprocal_rank_fusion
+from serve_app.schemas import (
+    Result,
+    RetrieverInfo,
+    RetrieversResponse,
+    RetrieverStatus,
+    SearchRequest,
+    SearchResponse,
+    Source,
+)
+
+logger = logging.getLogger("ray.serve")
+DESCRIBE_TIMEOUT_S = 5.0
+
+api = FastAPI(
+    title="ragfan",
+    version=__version__,
+    description="Fans each query out to several retrievers in parallel and fuses their answers.",
+)
+
+
+def validate(request: SearchRequest, config: AppConfig) -> list[str]:
+    """Checks that depend on the config; returns the selected retriever names."""
+    errors = []
+    if len(request.query) > config.max_query_chars:
+        errors.append({
+            "loc": ["body", "query"],
+            "msg": f"query is {len(request.query)} characters; the limit is {config.max_query_chars}",
+            "type": "string_too_long",
+        })
+    selected = request.retrievers or config.names
+    unknown = [n for n in selected if n not in config.names]
+    if unknown:
+        errors.append({
+            "loc": ["body", "retrievers"],
+            "msg": f"unknown retriever(s) {', '.join(map(repr, unknown))}; valid: {', '.join(config.names)}",
+            "type": "value_error",
+        })
+    if request.filters:
+        known = {k for r in config.retrievers if r.name in selected for k in r.filter_keys}
+        bad = sorted(set(request.filters) - known)
+        if bad:
+            errors.append({
+                "loc": ["body", "filters"],
+                "msg": f"no selected retriever filters on {', '.join(map(repr, bad))}; "
+                f"filter keys: {', '.join(sorted(known)) or '(none)'}",
+                "type": "value_error",
+            })
+    if errors:
+        raise InvalidRequest("; ".join(e["msg"] for e in errors), errors)
+    return list(dict.fromkeys(selected))
+
+
+@serve.deployment(logging_config={"enable_access_log": False})
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, config: AppConfig, retrievers: dict[str, DeploymentHandle]) -> None:
+        self.config = config
+        self.handles = retrievers
+        self.weights = {r.name: r.weight for r in config.retrievers}
+
+    async def search(self, request: SearchRequest | dict[str, Any]) -> SearchResponse:
+        """The whole search; raises InvalidRequest or NoRetrieverAvailable."""
+        started = time.perf_counter()
+        if not isinstance(request, SearchRequest):
+            try:
+                request = SearchRequest.model_validate(request)
+            except ValidationError as exc:
+                raise InvalidRequest(str(exc), _errors(exc)) from None
+        selected = validate(request, self.config)
+        if not self.config.enabled:
+            return SearchResponse(
+                query=request.query,
+                results=[],
+                retrievers={n: RetrieverStatus(status="skipped", error="ragfan is disabled") for n in self.config.names},
+                degraded=False,
+                latency_ms=_ms(started),
+            )
+        outcomes = await fan_out({name: self._call(name, request) for name in selected})
+        ok = {name: o.value for name, o in outcomes.items() if o.status == "ok"}
+        statuses = {
+            name: _status(outcomes[name]) if name in outcomes else RetrieverStatus(status="skipped")
+            for name in self.config.names
+        }
+        total = _ms(started)
+        logger.info(
+            "search %.1f ms %s",
+            total,
+            " ".join(f"{n}={s.status}/{s.latency_ms:.0f}ms" for n, s in statuses.items() if s.status != "skipped"),
+        )
+        if not ok:
+            raise NoRetrieverAvailable(
+                "no selected retriever answered",
+                {name: {"status": o.status, "error": o.error} for name, o in outcomes.items()},
+            )
+        fused = reciprocal_rank_fusion(ok, weights=self.weights, k=self.config.fusion.k, top_k=request.top_k)
+        return SearchResponse(
+            query=request.query,
+            results=[
+                Result(
+                    id=h.doc_id,
+                    text=h.text,
+                    score=h.score,
+                    sources=[Source(retriever=r, rank=rank, score=score) for r, rank, score in h.sources],
+                    metadata=dict(h.metadata),
+                )
+                for h in fused
+            ],
+            retrievers=statuses,
+            degraded=len(ok) < len(selected),
+            latency_ms=total,
+        )
+
+    def _call(self, name: str, request: SearchRequest) -> Call:
+        cfg = self.config.retriever(name)
+        timeout_ms = min(cfg.timeout_ms, request.timeout_ms or cfg.timeout_ms)
+        filters = {k: v for k, v in (request.filters or {}).items() if k in cfg.filter_keys} or None
+        start = partial(self.handles[name].search.remote, request.query, max(cfg.top_k, request.top_k), filters)
+        return Call(start=start, timeout_s=timeout_ms / 1000)
+
+    async def retrievers(self) -> RetrieversResponse:
+        outcomes: dict[str, Outcome] = {}
+        if self.config.enabled:
+            outcomes = await fan_out(
+                {name: Call(start=h.describe.remote, timeout_s=DESCRIBE_TIMEOUT_S) for name, h in self.handles.items()}
+            )
+        infos = []
+        for r in self.config.retrievers:
+            o = outcomes.get(r.name)
+            infos.append(RetrieverInfo(
+                name=r.name,
+                kind=r.kind,
+                config=r.summary(),
+                healthy=o is not None and o.status == "ok",
+                detail=o.value if o is not None and o.status == "ok" else None,
+                error="ragfan is disabled" if o is None else o.error,
+            ))
+        return RetrieversResponse(enabled=self.config.enabled, retrievers=infos)
+
+    # -- HTTP ------------------------------------------------------------------------------
+    @api.post("/v1/search", response_model=SearchResponse, summary="Search all or some retrievers")
+    async def http_search(self, request: SearchRequest) -> SearchResponse:
+        return await self.search(request)
+
+    @api.get("/v1/retrievers", response_model=RetrieversResponse, summary="Each retriever and its health")
+    async def http_retrievers(self) -> RetrieversResponse:
+        return await self.retrievers()
+
+    @api.get("/healthz", summary="200 when the gateway is up")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+
+@api.exception_handler(InvalidRequest)
+async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": exc.errors})
+
+
+@api.exception_handler(NoRetrieverAvailable)
+async def _unavailable(_: Request, exc: NoRetrieverAvailable) -> JSONResponse:
+    return JSONResponse(
+        status_code=503,
+        content={"detail": {"message": exc.message, "retrievers": exc.reasons}},
+        headers={"Retry-After": "1"},
+    )
+
+
+def _status(o: Outcome) -> RetrieverStatus:
+    return RetrieverStatus(status=o.status, latency_ms=o.latency_ms, num_hits=len(o.value or []), error=o.error)
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    return [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)

@@ -1,0 +1,70 @@
+"""Request and response models of the HTTP API and the Python client (one set for both)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+FilterValue = str | int | float | bool
+Status = Literal["ok", "timeout", "error", "skipped"]
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(description="the question or keywords; not empty")
+    top_k: int = Field(10, ge=1, le=100, description="number of fused results")
+    retrievers: list[str] | None = Field(None, min_length=1, description="retrievers to ask; null asks all")
+    filters: dict[str, FilterValue] | None = Field(None, description="exact-match metadata filters")
+    timeout_ms: int | None = Field(None, ge=1, le=600_000, description="lowers every retriever's deadline")
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("query must not be empty or whitespace")
+        return v
+
+
+class Source(BaseModel):
+    retriever: str
+    rank: int = Field(description="1-based rank in that retriever's answer")
+    score: float = Field(description="that retriever's own score")
+
+
+class Result(BaseModel):
+    id: str
+    text: str
+    score: float = Field(description="fused score")
+    sources: list[Source]
+    metadata: dict[str, str]
+
+
+class RetrieverStatus(BaseModel):
+    status: Status
+    latency_ms: float | None = None
+    num_hits: int = 0
+    error: str | None = None
+
+
+class SearchResponse(BaseModel):
+    query: str
+    results: list[Result]
+    retrievers: dict[str, RetrieverStatus]
+    degraded: bool
+    latency_ms: float
+
+
+class RetrieverInfo(BaseModel):
+    name: str
+    kind: str
+    config: dict[str, Any]
+    healthy: bool
+    detail: dict[str, Any] | None = Field(None, description="what the replica reports: doc count, model, ...")
+    error: str | None = None
+
+
+class RetrieversResponse(BaseModel):
+    enabled: bool
+    retrievers: list[RetrieverInfo]
