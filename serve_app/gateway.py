@@ -74,6 +74,34 @@ def validate(request: SearchRequest, config: AppConfig) -> list[str]:
     return list(dict.fromkeys(selected))
 
 
+# Helpers and exception handlers live above the class: `serve.ingress` copies the class and the
+# FastAPI app when it is decorated, and sees only what exists at that moment.
+def _status(o: Outcome) -> RetrieverStatus:
+    return RetrieverStatus(status=o.status, latency_ms=o.latency_ms, num_hits=len(o.value or []), error=o.error)
+
+
+def _errors(exc: ValidationError) -> list[dict[str, Any]]:
+    return [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+@api.exception_handler(InvalidRequest)
+async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": exc.errors})
+
+
+@api.exception_handler(NoRetrieverAvailable)
+async def _unavailable(_: Request, exc: NoRetrieverAvailable) -> JSONResponse:
+    return JSONResponse(
+        status_code=503,
+        content={"detail": {"message": exc.message, "retrievers": exc.reasons}},
+        headers={"Retry-After": "1"},
+    )
+
+
 @serve.deployment(logging_config={"enable_access_log": False})
 @serve.ingress(api)
 class Gateway:
@@ -172,29 +200,3 @@ class Gateway:
     @api.get("/healthz", summary="200 when the gateway is up")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
-
-
-@api.exception_handler(InvalidRequest)
-async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"detail": exc.errors})
-
-
-@api.exception_handler(NoRetrieverAvailable)
-async def _unavailable(_: Request, exc: NoRetrieverAvailable) -> JSONResponse:
-    return JSONResponse(
-        status_code=503,
-        content={"detail": {"message": exc.message, "retrievers": exc.reasons}},
-        headers={"Retry-After": "1"},
-    )
-
-
-def _status(o: Outcome) -> RetrieverStatus:
-    return RetrieverStatus(status=o.status, latency_ms=o.latency_ms, num_hits=len(o.value or []), error=o.error)
-
-
-def _errors(exc: ValidationError) -> list[dict[str, Any]]:
-    return [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-
-
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 2)
