@@ -26,13 +26,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_p.add_argument("--config", help="ragfan YAML config (default: the embedded demo)")
     serve_p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     serve_p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    serve_p.add_argument("--address", help="join this Ray cluster (e.g. auto, ray://host:10001) instead of starting one")
+    serve_p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting one")
 
     query_p = sub.add_parser("query", help="search a running service and print the fused results")
     query_p.add_argument("text", help="the query")
     query_p.add_argument("--top-k", type=int, default=10)
     query_p.add_argument("--retrievers", help="comma-separated names (default: all)")
-    query_p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE", help="metadata filter; repeatable")
+    query_p.add_argument(
+        "--filter", action="append", default=[], metavar="KEY=VALUE", help="metadata filter; repeatable"
+    )
     query_p.add_argument("--timeout-ms", type=int, help="lower every retriever's deadline")
     query_p.add_argument("--url", default=os.environ.get("RAGFAN_URL", DEFAULT_URL), help=f"default {DEFAULT_URL}")
     query_p.add_argument("--json", action="store_true", help="print the raw JSON response")
@@ -129,7 +131,7 @@ def query(args: argparse.Namespace) -> int:
     try:
         payload = response.json()
     except ValueError:
-        print(f"ragfan: error: {url} answered {response.status_code} with non-JSON: {response.text[:200]}", file=sys.stderr)
+        print(f"ragfan: error: {url} answered {response.status_code}: {response.text[:200]}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(payload, indent=2))

@@ -34,6 +34,7 @@ from serve_app.schemas import (
 
 logger = logging.getLogger("ray.serve")
 DESCRIBE_TIMEOUT_S = 5.0
+DISABLED = "ragfan is disabled (RAGFAN_DISABLED or enabled: false)"
 
 api = FastAPI(
     title="ragfan",
@@ -123,7 +124,7 @@ class Gateway:
             return SearchResponse(
                 query=request.query,
                 results=[],
-                retrievers={n: RetrieverStatus(status="skipped", error="ragfan is disabled") for n in self.config.names},
+                retrievers={n: RetrieverStatus(status="skipped", error=DISABLED) for n in self.config.names},
                 degraded=False,
                 latency_ms=_ms(started),
             )
@@ -184,7 +185,7 @@ class Gateway:
                 config=r.summary(),
                 healthy=o is not None and o.status == "ok",
                 detail=o.value if o is not None and o.status == "ok" else None,
-                error="ragfan is disabled" if o is None else o.error,
+                error=DISABLED if o is None else o.error,
             ))
         return RetrieversResponse(enabled=self.config.enabled, retrievers=infos)
 

@@ -136,24 +136,26 @@ def write_jsonl(path, rows):
 
 def check(out):
     """Verify the demo files: ids, disjointness, and that each triple quotes its abstract."""
-    load = lambda name: [json.loads(l) for l in open(os.path.join(out, name), encoding="utf-8")]
+    def load(name):
+        with open(os.path.join(out, name), encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh]
     corpus = {d["_id"]: d for d in load("corpus.jsonl")}
     domain = load("domain.jsonl")
     errors = []
     if set(corpus) & {d["_id"] for d in domain}:
         errors.append("corpus.jsonl and domain.jsonl overlap")
     for q in load("demo_queries.jsonl"):
-        errors += ["query %s: doc %s not in corpus" % (q["_id"], d)
+        errors += ["query {}: doc {} not in corpus".format(q["_id"], d)
                    for d in q["relevant"] if d not in corpus]
     for i, t in enumerate(load("triples.jsonl"), 1):
         doc = corpus.get(t["doc_id"])
         if doc is None:
-            errors.append("triple %d: doc %s not in corpus" % (i, t["doc_id"]))
+            errors.append(f"triple {i}: doc {t['doc_id']} not in corpus")
         elif t["text"] not in doc["title"] + " " + doc["text"] or len(t["text"]) > 300:
-            errors.append("triple %d: text not a <=300-char quote of doc %s" % (i, t["doc_id"]))
+            errors.append(f"triple {i}: text not a <=300-char quote of doc {t['doc_id']}")
     for e in errors:
         print("ERROR", e)
-    print("check: %d errors" % len(errors))
+    print(f"check: {len(errors)} errors")
     return 1 if errors else 0
 
 
@@ -184,7 +186,7 @@ def main():
         demo_queries.append({"_id": qid, "text": queries[qid], "relevant": qrels[qid]})
         for did in qrels[qid]:
             if did not in by_id:
-                raise SystemExit("qrels doc %s missing from corpus" % did)
+                raise SystemExit(f"qrels doc {did} missing from corpus")
             if did not in seen:
                 seen.add(did)
                 selected.append(did)
@@ -219,10 +221,9 @@ def main():
     write_jsonl(os.path.join(args.out, "domain.jsonl"), domain_rows)
 
     n_cited = len({d for q in demo_qids for d in qrels[q]})
-    print("corpus.jsonl: %d docs (%d cited by the %d demo queries)"
-          % (len(selected), n_cited, len(demo_qids)))
-    print("demo_queries.jsonl: %d queries" % len(demo_queries))
-    print("domain.jsonl: %d docs %s" % (len(domain_rows), json.dumps(per_domain)))
+    print(f"corpus.jsonl: {len(selected)} docs ({n_cited} cited by the {len(demo_qids)} demo queries)")
+    print(f"demo_queries.jsonl: {len(demo_queries)} queries")
+    print(f"domain.jsonl: {len(domain_rows)} docs {json.dumps(per_domain)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,102 @@
+from pathlib import Path
+
+import pytest
+
+from serve_app.config import DEFAULT_CONFIG, load_config, parse_bytes, parse_config
+from serve_app.errors import ConfigError
+
+
+def minimal(**retriever) -> dict:
+    return {"retrievers": [{"name": "docs", "kind": "keyword", "data": "d.jsonl", **retriever}]}
+
+
+def test_the_embedded_default_declares_the_five_retrievers():
+    config = load_config()
+    assert config.names == ["corpus", "keyword", "graph", "persona", "domain"]
+    kinds = {r.name: r.kind for r in config.retrievers}
+    assert kinds == {"corpus": "dense", "keyword": "keyword", "graph": "graph", "persona": "dense", "domain": "dense"}
+    for r in config.retrievers:
+        assert r.data.is_file(), r.data
+        assert r.ray_actor_options.num_cpus > 0 and r.ray_actor_options.memory
+    assert config.retriever("persona").filter_keys == ["persona"]
+    assert config.retriever("domain").filter_keys == ["domain"]
+    assert config.retriever("graph").aliases.is_file()
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    config = parse_config(minimal(), base_dir=tmp_path)
+    assert config.retrievers[0].data == tmp_path / "d.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("raw", "names"),
+    [
+        (minimal(timeout_ms=0), "retrievers.0.timeout_ms"),
+        (minimal(kind="vector"), "retrievers.0.kind"),
+        (minimal(colour="red"), "retrievers.0.colour"),
+        (minimal(hops=3), "`hops` applies to kind 'graph' only"),
+        (minimal(ray_actor_options={"num_cpus": -1}), "retrievers.0.ray_actor_options.num_cpus"),
+        (minimal(ray_actor_options={"memory": "lots"}), "retrievers.0.ray_actor_options.memory"),
+        (minimal(name="Bad Name"), "retrievers.0.name"),
+        ({"retrievers": []}, "retrievers"),
+        ({"retriever": []}, "retriever"),
+        ({**minimal(), "fusion": {"k": 0}}, "fusion.k"),
+    ],
+)
+def test_an_invalid_config_names_the_bad_key(raw, names):
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, base_dir=Path("."), source="my.yaml")
+    assert names in info.value.message
+    assert "my.yaml" in info.value.message
+
+
+def test_duplicate_and_reserved_names_are_rejected():
+    raw = {"retrievers": [minimal()["retrievers"][0], minimal()["retrievers"][0]]}
+    with pytest.raises(ConfigError, match="repeated: docs"):
+        parse_config(raw, base_dir=Path("."))
+    with pytest.raises(ConfigError, match="reserved"):
+        parse_config(minimal(name="gateway"), base_dir=Path("."))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("retrievers: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(scalar)
+
+
+def test_ragfan_disabled_env_overrides_the_file(monkeypatch):
+    monkeypatch.setenv("RAGFAN_DISABLED", "true")
+    assert load_config().enabled is False
+    monkeypatch.setenv("RAGFAN_DISABLED", "0")
+    assert load_config().enabled is True
+
+
+def test_scaling_options_choose_replicas_or_autoscaling():
+    config = load_config(DEFAULT_CONFIG)
+    assert config.retriever("corpus").serve_options() == {"max_ongoing_requests": 32, "num_replicas": 1}
+    keyword = config.retriever("keyword").serve_options()
+    assert keyword["autoscaling_config"]["max_replicas"] == 2 and "num_replicas" not in keyword
+
+
+def test_spec_carries_kind_specific_parameters(tmp_path):
+    spec = parse_config(
+        {"retrievers": [{"name": "g", "kind": "graph", "data": "t.jsonl", "aliases": "a.json", "hops": 3}]},
+        base_dir=tmp_path,
+    ).retrievers[0].spec(tmp_path / "cache")
+    assert spec.params["hops"] == 3 and spec.params["aliases"] == str(tmp_path / "a.json")
+    assert spec.cache_dir == str(tmp_path / "cache")
+
+
+def test_parse_bytes():
+    assert parse_bytes("1GiB") == 2**30
+    assert parse_bytes("512 MiB") == 512 * 2**20
+    assert parse_bytes(1000) == 1000
+    with pytest.raises(ValueError):
+        parse_bytes("1 parsec")

@@ -1,0 +1,52 @@
+import ast
+import socket
+from pathlib import Path
+
+from serve_app.cli import format_response, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_actors_never_import_serve_app():
+    for path in (ROOT / "actors").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] == "serve_app" for n in names), path
+
+
+def test_query_reports_an_unreachable_service(capsys):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["query", "hello", "--url", f"http://127.0.0.1:{port}"]) == 1
+    assert "cannot reach ragfan" in capsys.readouterr().err
+
+
+def test_query_rejects_a_malformed_filter(capsys):
+    assert main(["query", "hello", "--filter", "novalue"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_serve_reports_a_bad_config_without_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("retrievers: [{name: x, kind: nope, data: d.jsonl}]")
+    assert main(["serve", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "retrievers.0.kind" in err and "Traceback" not in err
+
+
+def test_format_response_shows_results_and_statuses():
+    text = format_response({
+        "results": [{"id": "42", "score": 0.03, "text": "Vitamin D\nand MS",
+                     "sources": [{"retriever": "corpus", "rank": 1, "score": 0.8}]}],
+        "retrievers": {"corpus": {"status": "ok", "latency_ms": 12.5, "num_hits": 1, "error": None},
+                       "graph": {"status": "timeout", "latency_ms": 300.0, "num_hits": 0, "error": "no answer"}},
+        "degraded": True,
+        "latency_ms": 301.0,
+    })
+    assert "corpus#1" in text and "Vitamin D and MS" in text
+    assert "timeout" in text and "degraded: yes" in text
