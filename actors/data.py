@@ -60,7 +60,8 @@ def read_documents(path: str | Path, *, text_field: str = "text") -> list[Docume
         title = obj.get("title") or ""
         if title:
             metadata["title"] = str(title)
-        text = f"{title}. {body}" if title else body
+        sep = " " if str(title).rstrip()[-1:] in {".", "?", "!"} else ". "
+        text = f"{title}{sep}{body}" if title else body
         docs.append(Document(doc_id=doc_id, text=text, metadata=metadata))
     if not docs:
         raise DataError(f"{path}: no documents found")

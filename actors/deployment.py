@@ -36,8 +36,9 @@ class RetrieverDeployment:
         self.spec = spec
         self.threads = limit_threads(num_cpus)
         self.retriever = open_retriever(spec)
-        # Pay torch's and FAISS's lazy first-call set-up here, not in the first user's deadline.
-        self.retriever.search([Query(text="warm-up query", top_k=1)])
+        if spec.kind != "synthetic":  # synthetic retrievers only sleep: nothing lazy to warm up
+            # Pay torch's and FAISS's lazy first-call set-up here, not in the first user's deadline.
+            self.retriever.search([Query(text="warm-up query", top_k=1)])
         self._search_batch.set_max_batch_size(max_batch_size)
         self._search_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         logger.info("retriever %s (%s) ready: %s", spec.name, spec.kind, self.retriever.describe())

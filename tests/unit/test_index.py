@@ -68,9 +68,12 @@ def test_read_documents_reports_file_and_line(tmp_path):
     path.write_text('{"_id": "1", "title": "T", "text": "body", "metadata": {"k": 1}}\n{oops\n')
     with pytest.raises(DataError, match=r"c.jsonl:2: not valid JSON"):
         read_documents(path)
-    path.write_text('{"_id": "1", "title": "T", "text": "body", "metadata": {"k": 1}}\n')
-    [doc] = read_documents(path)
-    assert doc.text == "T. body" and doc.metadata == {"k": "1", "title": "T"}
+    path.write_text(
+        '{"_id": "1", "title": "T", "text": "body", "metadata": {"k": 1}}\n{"_id": "2", "title": "Q?", "text": "b"}'
+    )
+    one, two = read_documents(path)
+    assert one.text == "T. body" and one.metadata == {"k": "1", "title": "T"}
+    assert two.text == "Q? b"
     with pytest.raises(DataError, match="not found"):
         read_documents(tmp_path / "missing.jsonl")
 
