@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import textwrap
@@ -154,7 +155,8 @@ def query(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_response(r: dict[str, Any], width: int = 100) -> str:
+def format_response(r: dict[str, Any], width: int | None = None) -> str:
+    width = width or shutil.get_terminal_size((100, 24)).columns
     lines = [f"{'#':>2}  {'score':>7}  {'id':<22} {'found by (retriever#rank)':<34} text"]
     for i, res in enumerate(r["results"], start=1):
         found = " ".join(f"{s['retriever']}#{s['rank']}" for s in res["sources"])
