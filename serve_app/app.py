@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from ray.serve import Application
 
 from actors.deployment import RetrieverDeployment
-from serve_app.config import AppConfig, load_config
+from serve_app.config import AppConfig, check_files, load_config
 from serve_app.gateway import Gateway
 
 
@@ -25,7 +25,9 @@ class BuildArgs(BaseModel):
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Application builder for `serve run` / `serve deploy` / KubeRay serveConfigV2."""
-    return app_from_config(load_config(BuildArgs.model_validate(args or {}).config))
+    config = load_config(BuildArgs.model_validate(args or {}).config)
+    check_files(config)
+    return app_from_config(config)
 
 
 def app_from_config(config: AppConfig) -> Application:

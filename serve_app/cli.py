@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import textwrap
 import time
@@ -46,14 +47,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RagError as exc:
         print(f"ragfan: error: {exc.message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the service was up (e.g. while indexing)
+        print("\nragfan: interrupted", file=sys.stderr)
+        return 130
 
 
 # -- serve ---------------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
     from serve_app.app import app_from_config, prepare_indexes
-    from serve_app.config import load_config
+    from serve_app.config import check_files, load_config
 
     config = load_config(args.config)
+    check_files(config)
+    if own_port_taken(args.host, args.port) and args.address is None:
+        raise RagError(f"port {args.port} on {args.host} is in use; pick another with --port (make serve PORT=N)")
     if config.enabled:
         prepare_indexes(config)
     else:
@@ -79,7 +86,11 @@ def serve(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         ray_serve.start(http_options={"host": args.host, "port": args.port})
-        ray_serve.run(app_from_config(config), name=config.app_name, route_prefix="/")
+        try:
+            ray_serve.run(app_from_config(config), name=config.app_name, route_prefix="/")
+        except RuntimeError as exc:  # a replica failed to start: Serve says which and why
+            print(f"ragfan: error: the app did not start: {exc}", file=sys.stderr)
+            return 1
         url = f"http://{args.host}:{args.port}"
         print(textwrap.dedent(f"""
             ragfan is ready at {url} ({len(config.retrievers)} retrievers, up in {time.perf_counter() - started:.1f} s)
@@ -103,6 +114,16 @@ def serve(args: argparse.Namespace) -> int:
             ray_serve.delete(config.app_name)
         print("ragfan: stopped", flush=True)
     return 0
+
+
+def own_port_taken(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 # -- query ---------------------------------------------------------------------------------

@@ -209,6 +209,20 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "<config>") -> AppCo
     return config
 
 
+def check_files(config: AppConfig) -> None:
+    """Every data and aliases file a retriever names must exist: fail at start, not in a replica."""
+    if not config.enabled:
+        return
+    missing = [
+        f"retrievers.{i}.{key}: file not found: {path}"
+        for i, r in enumerate(config.retrievers)
+        for key, path in (("data", r.data), ("aliases", r.aliases))
+        if path is not None and not path.is_file()
+    ]
+    if missing:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(missing))
+
+
 def load_config(path: str | Path | None = None) -> AppConfig:
     """Load and validate a config file; None means the embedded default."""
     path = Path(path) if path else DEFAULT_CONFIG

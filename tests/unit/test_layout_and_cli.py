@@ -39,6 +39,23 @@ def test_serve_reports_a_bad_config_without_a_traceback(tmp_path, capsys):
     assert "retrievers.0.kind" in err and "Traceback" not in err
 
 
+def test_serve_refuses_a_port_in_use(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+
+
+def test_serve_names_a_missing_data_file(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("retrievers: [{name: docs, kind: keyword, data: nowhere.jsonl}]")
+    assert main(["serve", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "retrievers.0.data: file not found" in err and "nowhere.jsonl" in err
+
+
 def test_format_response_shows_results_and_statuses():
     text = format_response({
         "results": [{"id": "42", "score": 0.03, "text": "Vitamin D\nand MS",
