@@ -83,6 +83,8 @@ def serve(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C / kill -INT must still stop us.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.perf_counter()
     try:
         ray_serve.start(http_options={"host": args.host, "port": args.port})
