@@ -149,7 +149,7 @@ class DenseRetriever:
             scores, ids = self.index.search(vectors[members], k, params=params)
             for row, i in enumerate(members):
                 results[i] = [
-                    self._hit(int(doc), float(score))
+                    self.documents[int(doc)].hit(float(score))
                     for score, doc in zip(scores[row][: queries[i].top_k], ids[row][: queries[i].top_k], strict=True)
                     if doc >= 0
                 ]
@@ -174,9 +174,6 @@ class DenseRetriever:
         params._selector_ref = selector  # the C++ params keep a raw pointer; keep the selector alive
         return params
 
-    def _hit(self, i: int, score: float) -> Hit:
-        doc = self.documents[i]
-        return Hit(doc_id=doc.doc_id, score=score, text=doc.text, metadata=doc.metadata)
 
     def describe(self) -> dict[str, Any]:
         return {

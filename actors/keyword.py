@@ -68,7 +68,7 @@ class KeywordRetriever:
             k = min(query.top_k, len(self.documents))
             top = np.argpartition(-scores, k - 1)[:k]
             top = top[np.argsort(-scores[top], kind="stable")]
-            results.append([self._hit(int(i), float(scores[i])) for i in top if scores[i] > 0])
+            results.append([self.documents[int(i)].hit(float(scores[i])) for i in top if scores[i] > 0])
         return results
 
     def _mask(self, query: Query) -> np.ndarray | None:
@@ -78,9 +78,6 @@ class KeywordRetriever:
             (matches(d.metadata, query.filters) for d in self.documents), dtype=np.float32, count=len(self.documents)
         )
 
-    def _hit(self, i: int, score: float) -> Hit:
-        doc = self.documents[i]
-        return Hit(doc_id=doc.doc_id, score=score, text=doc.text, metadata=doc.metadata)
 
     def describe(self) -> dict[str, Any]:
         return {"num_docs": len(self.documents), "language": self.language, "vocab_size": len(self._vocab)}

@@ -50,12 +50,9 @@ class SyntheticRetriever:
                 if matches(d.metadata, q.filters)
             ]
             scored = sorted((s for s in scored if s[0] > 0), key=lambda s: (-s[0], s[1]))[: q.top_k]
-            results.append([self._hit(i, score) for score, i in scored])
+            results.append([self.documents[i].hit(score) for score, i in scored])
         return results
 
-    def _hit(self, i: int, score: float) -> Hit:
-        doc = self.documents[i]
-        return Hit(doc_id=doc.doc_id, score=score, text=doc.text, metadata=doc.metadata)
 
     def describe(self) -> dict[str, Any]:
         return {"num_docs": len(self.documents), "delay_ms": self.delay_ms, "fail": self.fail}

@@ -25,6 +25,9 @@ class Document:
         if not self.doc_id:
             raise ValueError("Document.doc_id must be a non-empty string")
 
+    def hit(self, score: float) -> Hit:
+        return Hit(doc_id=self.doc_id, score=score, text=self.text, metadata=self.metadata)
+
 
 @dataclass(frozen=True, slots=True)
 class Hit:
