@@ -17,9 +17,9 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from actors.docstore import DocStore, metadata_index, write_docstore
 from actors.embedder import Embedder
 from actors.errors import RetrieverFailed
-from actors.index import read_stored_documents, write_documents
 from actors.types import Document, Filters, Hit, Query, filter_text
 
 IndexType = Literal["flat", "hnsw"]
@@ -71,17 +71,12 @@ class DenseRetriever:
                 "rebuild the index with this model"
             )
         self.name = name
-        self.documents = list(documents)
+        self.documents = documents  # a list, or a DocStore that reads from disk on demand
         self.index = index
         self.embedder = embedder
         self.index_type = index_type
         self.ef_search = ef_search
-        self._by_value: dict[tuple[str, str], np.ndarray] = {}
-        values: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for i, doc in enumerate(self.documents):
-            for key, value in doc.metadata.items():
-                values[(key, value)].append(i)
-        self._by_value = {kv: np.asarray(ids, dtype=np.int64) for kv, ids in values.items()}
+        self._by_value = metadata_index(documents)
 
     # -- building and storing ------------------------------------------------------------
     @classmethod
@@ -104,7 +99,7 @@ class DenseRetriever:
         )
 
     def save(self, directory: Path) -> dict[str, Any]:
-        write_documents(directory / "docs.jsonl", self.documents)
+        write_docstore(directory, self.documents)
         faiss.write_index(self.index, str(directory / "index.faiss"))
         return {
             "kind": self.kind,
@@ -124,7 +119,7 @@ class DenseRetriever:
             )
         return cls(
             name=name,
-            documents=read_stored_documents(directory / "docs.jsonl"),
+            documents=DocStore(directory),
             index=faiss.read_index(str(directory / "index.faiss")),
             embedder=embedder,
             index_type=manifest["index_type"],

@@ -7,8 +7,8 @@ source or model builds a new index and an unchanged one is reused.
 
     <cache_dir>/<retriever name>/<key>/
         manifest.json   format version, kind, model, dim, doc count, index type, checksums
-        docs.jsonl      the documents (id, text, metadata)
-        ...             kind-specific files (index.faiss for dense)
+        docs.jsonl      the documents (id, text, metadata), with docs.offsets.npy (see docstore.py)
+        ...             kind-specific files: index.faiss (dense), the BM25 matrices (keyword)
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from actors.errors import DataError
-from actors.types import Document
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -47,17 +46,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_documents(path: Path, docs: Iterable[Document]) -> None:
-    with path.open("w", encoding="utf-8") as fh:
-        for doc in docs:
-            fh.write(json.dumps({"id": doc.doc_id, "text": doc.text, "metadata": dict(doc.metadata)}) + "\n")
-
-
-def read_stored_documents(path: Path) -> list[Document]:
-    with path.open(encoding="utf-8") as fh:
-        return [Document(o["id"], o["text"], o["metadata"]) for o in map(json.loads, fh)]
 
 
 def load_or_build(

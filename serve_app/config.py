@@ -145,7 +145,7 @@ class RetrieverConfig(ScalingConfig):
 
 
 class FusionConfig(_Strict):
-    method: Literal["rrf"] = "rrf"
+    method: Literal["rrf", "minmax", "dbsf"] = Field("rrf", description="see serve_app/fusion.py")
     k: int = Field(60, ge=1, description="RRF constant: score = sum(weight / (k + rank))")
 
 

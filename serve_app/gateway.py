@@ -21,8 +21,9 @@ from serve_app import __version__
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, NoRetrieverAvailable
 from serve_app.fanout import Call, Outcome, fan_out
-from serve_app.fusion import reciprocal_rank_fusion
+from serve_app.fusion import fuse
 from serve_app.schemas import (
+    FusionOptions,
     Result,
     RetrieverInfo,
     RetrieversResponse,
@@ -58,6 +59,13 @@ def validate(request: SearchRequest, config: AppConfig) -> list[str]:
         errors.append({
             "loc": ["body", "retrievers"],
             "msg": f"unknown retriever(s) {', '.join(map(repr, unknown))}; valid: {', '.join(config.names)}",
+            "type": "value_error",
+        })
+    unknown_weights = sorted(set((request.fusion and request.fusion.weights) or {}) - set(config.names))
+    if unknown_weights:
+        errors.append({
+            "loc": ["body", "fusion", "weights"],
+            "msg": f"unknown retriever(s) {', '.join(map(repr, unknown_weights))}; valid: {', '.join(config.names)}",
             "type": "value_error",
         })
     if request.filters:
@@ -145,7 +153,14 @@ class Gateway:
                 "no selected retriever answered",
                 {name: {"status": o.status, "error": o.error} for name, o in outcomes.items()},
             )
-        fused = reciprocal_rank_fusion(ok, weights=self.weights, k=self.config.fusion.k, top_k=request.top_k)
+        options = request.fusion or FusionOptions()
+        fused = fuse(
+            ok,
+            method=options.method or self.config.fusion.method,
+            weights={**self.weights, **(options.weights or {})},
+            k=options.k or self.config.fusion.k,
+            top_k=request.top_k,
+        )
         return SearchResponse(
             query=request.query,
             results=[

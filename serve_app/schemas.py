@@ -10,6 +10,21 @@ FilterValue = str | int | float | bool
 Status = Literal["ok", "timeout", "error", "skipped"]
 
 
+class FusionOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["rrf", "minmax", "dbsf"] | None = Field(None, description="null: the configured method")
+    k: int | None = Field(None, ge=1, le=10_000, description="RRF constant; null: the configured k")
+    weights: dict[str, float] | None = Field(None, description="per-retriever weights, overriding the config")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and any(not 0 <= w <= 1e6 for w in v.values()):
+            raise ValueError("weights must be between 0 and 1e6")
+        return v
+
+
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -18,6 +33,7 @@ class SearchRequest(BaseModel):
     retrievers: list[str] | None = Field(None, min_length=1, description="retrievers to ask; null asks all")
     filters: dict[str, FilterValue] | None = Field(None, description="exact-match metadata filters")
     timeout_ms: int | None = Field(None, ge=1, le=600_000, description="lowers every retriever's deadline")
+    fusion: FusionOptions | None = Field(None, description="fusion method, k and weights for this request")
 
     @field_validator("query")
     @classmethod

@@ -1,7 +1,8 @@
+import numpy as np
 import pytest
 
 from actors.types import Hit
-from serve_app.fusion import reciprocal_rank_fusion
+from serve_app.fusion import fuse, reciprocal_rank_fusion
 
 
 def hits(*ids: str) -> list[Hit]:
@@ -24,9 +25,9 @@ def test_documents_are_deduplicated_and_list_every_source():
     assert fused[0].doc_id == "x"
 
 
-def test_a_retriever_counts_once_per_document():
-    fused = reciprocal_rank_fusion({"a": hits("x", "x")}, k=60)
-    assert len(fused) == 1 and fused[0].score == pytest.approx(1 / 61)
+def test_a_retriever_counts_once_per_document_at_its_best_rank():
+    fused = reciprocal_rank_fusion({"a": hits("x", "y", "x")}, k=60)
+    assert [(h.doc_id, h.score) for h in fused] == [("x", pytest.approx(1 / 61)), ("y", pytest.approx(1 / 62))]
 
 
 def test_top_k_and_deterministic_ties():
@@ -48,3 +49,38 @@ def test_empty_input_and_bad_k():
     assert reciprocal_rank_fusion({"a": []}, k=60) == []
     with pytest.raises(ValueError, match="k must be"):
         reciprocal_rank_fusion({"a": hits("x")}, k=0)
+
+
+def scored(*pairs: tuple[str, float]) -> list[Hit]:
+    return [Hit(doc_id=d, score=s, text=d) for d, s in pairs]
+
+
+def test_minmax_is_a_convex_combination_of_normalised_scores():
+    ranked = {"dense": scored(("x", 0.9), ("y", 0.5), ("z", 0.1)), "bm25": scored(("y", 30.0), ("x", 10.0))}
+    fused = fuse(ranked, method="minmax", weights={"dense": 3.0, "bm25": 1.0}, top_k=5)
+    by_id = {h.doc_id: h.score for h in fused}
+    # dense normalises to x=1, y=0.5, z=0; bm25 to y=1, x=0; weights become 0.75 / 0.25
+    assert by_id == pytest.approx({"x": 0.75, "y": 0.75 * 0.5 + 0.25, "z": 0.0})
+    assert [h.doc_id for h in fused] == ["x", "y", "z"]
+
+
+def test_dbsf_uses_mean_plus_minus_three_sigma_and_clips():
+    scores = [10.0, 2.0, 1.0, 1.0, 1.0]
+    fused = fuse({"a": scored(*[(f"d{i}", s) for i, s in enumerate(scores)])}, method="dbsf", top_k=5)
+    arr = np.asarray(scores)
+    lo, hi = arr.mean() - 3 * arr.std(), arr.mean() + 3 * arr.std()
+    expected = {f"d{i}": min(1.0, max(0.0, (s - lo) / (hi - lo))) for i, s in enumerate(scores)}
+    assert {h.doc_id: h.score for h in fused} == pytest.approx(expected)
+    assert 0 < fused[-1].score < fused[0].score < 1  # 10.0 is inside mean + 3 sigma here: not clipped
+
+
+def test_score_methods_handle_equal_scores_and_zero_weights():
+    fused = fuse({"a": scored(("x", 2.0), ("y", 2.0))}, method="minmax")
+    assert [h.score for h in fused] == [1.0, 1.0]
+    fused = fuse({"a": scored(("x", 1.0)), "b": scored(("y", 1.0))}, method="dbsf", weights={"a": 0, "b": 0})
+    assert {h.score for h in fused} == {0.0}
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="valid: rrf, minmax, dbsf"):
+        fuse({"a": hits("x")}, method="borda")

@@ -29,7 +29,7 @@ def test_build_once_then_reuse(tmp_path, docs, embedder):
     assert (built1, built2) == (True, False) and len(calls) == 1
     manifest = json.loads((target / "manifest.json").read_text())
     assert manifest["num_docs"] == 5 and manifest["dim"] == embedder.dim and manifest["kind"] == "dense"
-    assert set(manifest["files"]) == {"docs.jsonl", "index.faiss"}
+    assert set(manifest["files"]) == {"docs.jsonl", "docs.offsets.npy", "index.faiss"}
     assert r2.search([Query("aspirin cancer", top_k=1)])[0][0].doc_id == "d3"
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary directory left
 
