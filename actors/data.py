@@ -68,11 +68,27 @@ def read_documents(path: str | Path, *, text_field: str = "text") -> list[Docume
     return docs
 
 
+def _tsv_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """head, relation, tail[, doc_id[, text]] per tab-separated line; a `head` header line is skipped."""
+    if not path.is_file():
+        raise DataError(f"triples file not found: {path}")
+    keys = ("head", "relation", "tail", "doc_id", "text")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            cells = line.rstrip("\n").split("\t")
+            if not line.strip() or (lineno == 1 and cells[0].strip().lower() == "head"):
+                continue
+            if len(cells) < 3:
+                raise DataError(f"{path}:{lineno}: expected head<TAB>relation<TAB>tail, got {len(cells)} column(s)")
+            yield lineno, dict(zip(keys, cells, strict=False))
+
+
 def read_triples(path: str | Path) -> list[Triple]:
-    """Read knowledge-graph triples from JSONL (`head`, `relation`, `tail`, optional `doc_id`, `text`)."""
+    """Read knowledge-graph triples from JSONL or TSV (`head`, `relation`, `tail`, optional `doc_id`, `text`)."""
     path = Path(path)
     triples: list[Triple] = []
-    for lineno, obj in _json_lines(path):
+    lines = _tsv_lines(path) if path.suffix.lower() == ".tsv" else _json_lines(path)
+    for lineno, obj in lines:
         try:
             head, relation, tail = (str(obj[key]).strip() for key in ("head", "relation", "tail"))
         except KeyError as exc:

@@ -12,8 +12,9 @@ from actors.base import Retriever
 from actors.data import file_sha256, read_aliases, read_documents, read_triples
 from actors.dense import DenseRetriever
 from actors.embedder import DEFAULT_MODEL, SentenceTransformerEmbedder, resolve_model
+from actors.errors import DataError, RetrieverFailed
 from actors.graph import GraphRetriever
-from actors.index import build_key, default_cache_dir, load_or_build
+from actors.index import build_key, default_cache_dir, load_or_build, verify
 from actors.keyword import KeywordRetriever
 from actors.synthetic import SyntheticRetriever
 
@@ -28,7 +29,8 @@ class RetrieverSpec:
 
     name: str
     kind: str
-    data: str
+    data: str | None = None  # a collection to index at start ...
+    artifacts: str | None = None  # ... or a directory `ragfan ingest` wrote
     model: str = DEFAULT_MODEL
     params: Mapping[str, Any] = field(default_factory=dict)
     cache_dir: str | None = None
@@ -36,6 +38,8 @@ class RetrieverSpec:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown retriever kind {self.kind!r}; valid kinds: {', '.join(KINDS)}")
+        if (self.data is None) == (self.artifacts is None):
+            raise ValueError(f"{self.name}: give exactly one of `data` and `artifacts`")
 
 
 def dense_index_dir(spec: RetrieverSpec) -> Path:
@@ -51,8 +55,43 @@ def dense_index_dir(spec: RetrieverSpec) -> Path:
     return cache / spec.name / key
 
 
+def open_artifacts(spec: RetrieverSpec) -> Retriever:
+    """Load a retriever from the artifacts `ragfan ingest` wrote, after checking them."""
+    directory = Path(spec.artifacts)
+    if not (directory / "manifest.json").is_file():
+        raise DataError(
+            f"{directory / 'manifest.json'}: not found; build the index with "
+            f"`ragfan ingest SOURCE --out {directory.parent} --kinds {spec.kind}`"
+        )
+    manifest = verify(directory)
+    if manifest.get("kind") != spec.kind:
+        raise DataError(f"{directory}: holds a {manifest.get('kind')!r} index, but {spec.name} is kind {spec.kind!r}")
+    if spec.kind == "keyword":
+        return KeywordRetriever.load(directory, manifest, name=spec.name)
+    model_name = resolve_model(spec.model)[0]
+    if manifest.get("model") != model_name:
+        raise RetrieverFailed(
+            f"{directory}: built with model {manifest.get('model')!r}, but {spec.name} is configured with "
+            f"{model_name!r}; set `model` to the index's model or re-run `ragfan ingest --model`"
+        )
+    embedder = SentenceTransformerEmbedder(spec.model)
+    if spec.kind == "dense":
+        return DenseRetriever.load(directory, manifest, name=spec.name, embedder=embedder)
+    if spec.kind == "graph":
+        return GraphRetriever(
+            name=spec.name,
+            triples=read_triples(directory / "triples.jsonl"),
+            aliases=read_aliases(directory / "aliases.json"),
+            embedder=embedder,
+            hops=spec.params.get("hops", 2),
+        )
+    raise DataError(f"{spec.name}: kind {spec.kind!r} has no artifacts; use `data`")
+
+
 def open_retriever(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
     """Load a retriever, building and caching its index first if needed."""
+    if spec.artifacts is not None:
+        return open_artifacts(spec)
     p = dict(spec.params)
     if spec.kind == "dense":
         embedder = SentenceTransformerEmbedder(spec.model)

@@ -41,9 +41,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     query_p.add_argument("--url", default=os.environ.get("RAGFAN_URL", DEFAULT_URL), help=f"default {DEFAULT_URL}")
     query_p.add_argument("--json", action="store_true", help="print the raw JSON response")
 
+    ingest_p = sub.add_parser("ingest", help="build checked index artifacts from a collection")
+    ingest_p.add_argument("source", help="BEIR corpus.jsonl, JSONL, a directory of .txt/.md, or (graph) triples")
+    ingest_p.add_argument("--out", required=True, help="output directory: one subdirectory per kind")
+    ingest_p.add_argument("--kinds", default="dense,keyword", help="comma-separated: dense,keyword,graph")
+    ingest_p.add_argument("--model", default="default", help="sentence-transformers model (default: bundled MiniLM)")
+    ingest_p.add_argument("--index", choices=["flat", "hnsw"], default="flat", help="FAISS index type")
+    ingest_p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    ingest_p.add_argument("--chunk-words", type=int, default=256, help="split longer documents (default 256)")
+    ingest_p.add_argument("--chunk-overlap", type=int, default=32, help="words shared by neighbouring chunks")
+    ingest_p.add_argument("--triples", help="triples file (TSV or JSONL) for the graph kind")
+    ingest_p.add_argument("--aliases", help="aliases JSON for the graph kind")
+    ingest_p.add_argument("--address", help="Ray cluster to embed on (default: start a local one)")
+
+    eval_p = sub.add_parser("eval", help="nDCG@10 / R@100 / MRR@10 on a BEIR dataset through the served fan-out")
+    eval_p.add_argument("dataset", help="BEIR dataset directory: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
+    eval_p.add_argument("--split", default="test")
+    eval_p.add_argument("--ignore-identical-ids", action="store_true", help="drop a hit whose id is the query's id")
+    eval_p.add_argument("--fusion", choices=["rrf", "minmax", "dbsf"], help="fusion method (default: the config's)")
+    eval_p.add_argument("--output", help="write the results as JSON here")
+    eval_p.add_argument("--address", help="Ray cluster to run on (default: start a local one)")
+    eval_p.add_argument("--concurrency", type=int, default=16, help="queries in flight (default 16)")
+
     args = parser.parse_args(argv)
+    commands = {"serve": serve, "query": query, "ingest": ingest_command, "eval": eval_command}
     try:
-        return serve(args) if args.command == "serve" else query(args)
+        return commands[args.command](args)
     except RagError as exc:
         print(f"ragfan: error: {exc.message}", file=sys.stderr)
         return 2
@@ -126,6 +149,68 @@ def own_port_taken(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+# -- ingest / eval ---------------------------------------------------------------------------
+def ingest_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import ray
+
+    from actors.ingest import ingest
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    source = Path(args.source)
+    triples = Path(args.triples) if args.triples else None
+    if "graph" in kinds and triples is None and (kinds == ["graph"] or source.suffix.lower() == ".tsv"):
+        triples = source
+    if "graph" in kinds and triples is None:
+        raise RagError("the graph kind needs triples: pass --triples FILE (TSV or JSONL)")
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    try:
+        reports = ingest(
+            source,
+            Path(args.out),
+            kinds=kinds,
+            model=args.model,
+            index_type=args.index,
+            text_field=args.text_field,
+            max_words=args.chunk_words,
+            overlap=args.chunk_overlap,
+            triples=triples,
+            aliases=Path(args.aliases) if args.aliases else None,
+        )
+    except ValueError as exc:
+        raise RagError(str(exc)) from None
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    print(f"{'kind':<8} {'status':<7} {'docs':>8} {'seconds':>8} {'docs/s':>8}  path")
+    for r in reports:
+        rate = f"{r.docs_per_s:.1f}" if r.docs_per_s else "-"
+        status = "reused" if r.reused else "built"
+        print(f"{r.kind:<8} {status:<7} {r.num_docs:>8} {r.seconds:>8.1f} {rate:>8}  {r.path}")
+    return 0
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    from serve_app.evaluate import evaluate, format_table
+
+    report = evaluate(
+        args.dataset,
+        split=args.split,
+        ignore_identical_ids=args.ignore_identical_ids,
+        fusion=args.fusion,
+        address=args.address,
+        concurrency=args.concurrency,
+    )
+    print(format_table(report))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2)
+        print(f"wrote {args.output}")
+    return 0
 
 
 # -- query ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from actors.errors import RagError
 from serve_app.errors import InvalidRequest
-from serve_app.schemas import FilterValue, SearchRequest, SearchResponse
+from serve_app.schemas import FilterValue, FusionOptions, SearchRequest, SearchResponse
 
 T = TypeVar("T")
 
@@ -50,8 +50,9 @@ class RagClient:
         retrievers: list[str] | None = None,
         filters: Mapping[str, FilterValue] | None = None,
         timeout_ms: int | None = None,
+        fusion: FusionOptions | dict[str, Any] | None = None,
     ) -> SearchResponse:
-        request = _request(query, top_k, retrievers, filters, timeout_ms)
+        request = _request(query, top_k, retrievers, filters, timeout_ms, fusion)
         return _reraise(lambda: self._handle.search.remote(request).result())
 
     async def search_async(
@@ -62,12 +63,13 @@ class RagClient:
         retrievers: list[str] | None = None,
         filters: Mapping[str, FilterValue] | None = None,
         timeout_ms: int | None = None,
+        fusion: FusionOptions | dict[str, Any] | None = None,
     ) -> SearchResponse:
-        request = _request(query, top_k, retrievers, filters, timeout_ms)
+        request = _request(query, top_k, retrievers, filters, timeout_ms, fusion)
         return await _reraise_async(lambda: self._handle.search.remote(request))
 
 
-def _request(query, top_k, retrievers, filters, timeout_ms) -> SearchRequest:
+def _request(query, top_k, retrievers, filters, timeout_ms, fusion) -> SearchRequest:
     try:
         return SearchRequest(
             query=query,
@@ -75,6 +77,7 @@ def _request(query, top_k, retrievers, filters, timeout_ms) -> SearchRequest:
             retrievers=retrievers,
             filters=dict(filters) if filters is not None else None,
             timeout_ms=timeout_ms,
+            fusion=fusion,
         )
     except ValidationError as exc:
         errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]

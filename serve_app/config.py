@@ -86,7 +86,8 @@ _KIND_FIELDS = {
 class RetrieverConfig(ScalingConfig):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,39}$", description="deployment name and API name")
     kind: Literal["dense", "keyword", "graph", "synthetic"]
-    data: Path = Field(description="documents (JSONL) or, for graph, triples (JSONL)")
+    data: Path | None = Field(None, description="documents (JSONL) or, for graph, triples (JSONL or TSV)")
+    artifacts: Path | None = Field(None, description="an index directory written by `ragfan ingest` (instead of data)")
     model: str = Field("default", description="'default' (bundled all-MiniLM-L6-v2), a model name or a path")
     text_field: str = "text"
     index: Literal["flat", "hnsw"] = "flat"
@@ -104,6 +105,8 @@ class RetrieverConfig(ScalingConfig):
 
     @model_validator(mode="after")
     def _kind_fields(self) -> RetrieverConfig:
+        if (self.data is None) == (self.artifacts is None):
+            raise ValueError("give exactly one of `data` (a collection) and `artifacts` (from `ragfan ingest`)")
         for key, kind in _KIND_FIELDS.items():
             if key in self.model_fields_set and self.kind != kind:
                 raise ValueError(f"`{key}` applies to kind {kind!r} only, not {self.kind!r}")
@@ -122,7 +125,8 @@ class RetrieverConfig(ScalingConfig):
         return RetrieverSpec(
             name=self.name,
             kind=self.kind,
-            data=str(self.data),
+            data=str(self.data) if self.data else None,
+            artifacts=str(self.artifacts) if self.artifacts else None,
             model=self.model,
             params=params,
             cache_dir=str(cache_dir) if cache_dir else None,
@@ -132,7 +136,8 @@ class RetrieverConfig(ScalingConfig):
         """What `/v1/retrievers` shows of the config."""
         keep = {"model", "index"} if self.kind == "dense" else {"model", "hops"} if self.kind == "graph" else set()
         return {
-            "data": self.data.name,
+            "data": self.data.name if self.data else None,
+            "artifacts": str(self.artifacts) if self.artifacts else None,
             "top_k": self.top_k,
             "timeout_ms": self.timeout_ms,
             "weight": self.weight,
@@ -199,7 +204,10 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "<config>") -> AppCo
     except ValidationError as exc:
         raise ConfigError(_format(exc, source)) from None
     for r in config.retrievers:
-        r.data = (base_dir / r.data).resolve()
+        if r.data is not None:
+            r.data = (base_dir / r.data).resolve()
+        if r.artifacts is not None:
+            r.artifacts = (base_dir / r.artifacts).resolve()
         if r.aliases is not None:
             r.aliases = (base_dir / r.aliases).resolve()
     if config.cache_dir is not None:
@@ -218,6 +226,10 @@ def check_files(config: AppConfig) -> None:
         for i, r in enumerate(config.retrievers)
         for key, path in (("data", r.data), ("aliases", r.aliases))
         if path is not None and not path.is_file()
+    ] + [
+        f"retrievers.{i}.artifacts: no manifest.json in {r.artifacts}; build it with `ragfan ingest`"
+        for i, r in enumerate(config.retrievers)
+        if r.artifacts is not None and not (r.artifacts / "manifest.json").is_file()
     ]
     if missing:
         raise ConfigError("invalid config:\n  " + "\n  ".join(missing))

@@ -1,0 +1,232 @@
+"""`ragfan ingest`: read a collection, embed it across the Ray cluster, write checked index artifacts.
+
+Embedding is the expensive part, so it is spread over a pool of Ray actors, each loading the model
+once and encoding shards of a few hundred chunks. More CPUs, more nodes or a GPU (one actor per
+GPU) make it faster with no change here. The artifacts of each kind go to `<out>/<kind>/`, written
+through `index.load_or_build`'s temporary-directory-and-rename, so a crash leaves nothing that
+loads. A second run on an unchanged source with the same settings reuses what is there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from actors.data import read_aliases, read_triples
+from actors.dense import DenseRetriever, IndexType, make_index
+from actors.embedder import DEFAULT_MODEL, resolve_model
+from actors.errors import DataError
+from actors.index import FORMAT_VERSION, MANIFEST, load_or_build, verify
+from actors.keyword import KeywordRetriever
+from actors.sources import chunk, read_source, source_sha256
+from actors.types import Document
+
+KINDS = ("dense", "keyword", "graph")
+SHARD = 256
+
+
+@dataclass
+class KindReport:
+    kind: str
+    path: Path
+    reused: bool
+    num_docs: int
+    seconds: float
+    docs_per_s: float | None = None
+
+
+def _embedder_actor():
+    import ray
+
+    @ray.remote
+    class EmbedWorker:
+        def __init__(self, model: str, threads: int) -> None:
+            from actors.embedder import SentenceTransformerEmbedder, limit_threads
+
+            limit_threads(threads)
+            self.embedder = SentenceTransformerEmbedder(model)
+
+        def encode(self, start: int, texts: list[str]) -> tuple[int, np.ndarray]:
+            return start, self.embedder.encode(texts, batch_size=64)
+
+    return EmbedWorker
+
+
+def embed_on_cluster(
+    texts: Sequence[str], model: str, *, progress: bool = True, workers: int | None = None
+) -> np.ndarray:
+    """Encode texts with a pool of Ray actors; one per GPU if the cluster has GPUs, else one per CPU."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    cpus = max(1, int(resources.get("CPU", 1)))
+    if workers is None:
+        workers = gpus or cpus
+    workers = max(1, min(workers, math.ceil(len(texts) / SHARD)))
+    options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": max(1, cpus // workers)}
+    threads = 1 if gpus else max(1, cpus // workers)
+    pool = [_embedder_actor().options(**options).remote(model, threads) for _ in range(workers)]
+    out: np.ndarray | None = None
+    pending: dict[Any, int] = {}
+    shards = [(s, list(texts[s : s + SHARD])) for s in range(0, len(texts), SHARD)]
+    started = time.perf_counter()
+    with tqdm(total=len(texts), desc="embedding", unit="doc", disable=not progress, smoothing=0.1) as bar:
+        for i, actor in enumerate(pool):  # two shards in flight per actor keeps each one busy
+            for _ in range(2):
+                if shards:
+                    s, batch = shards.pop(0)
+                    pending[actor.encode.remote(s, batch)] = i
+        while pending:
+            [ready], _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(ready)
+            start, vectors = ray.get(ready)
+            if out is None:
+                out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+            out[start : start + len(vectors)] = vectors
+            bar.update(len(vectors))
+            bar.set_postfix(docs_per_s=f"{bar.n / (time.perf_counter() - started):.0f}")
+            if shards:
+                s, batch = shards.pop(0)
+                pending[pool[i].encode.remote(s, batch)] = i
+    for actor in pool:
+        ray.kill(actor)
+    assert out is not None
+    return out
+
+
+class _Embedded:
+    """Stands in for an embedder when vectors were computed elsewhere: holds name and dim only."""
+
+    def __init__(self, name: str, dim: int) -> None:
+        self.name, self.dim = name, dim
+
+    def encode(self, texts, *, batch_size=32):  # pragma: no cover - never called while building
+        raise RuntimeError("precomputed embedder cannot encode")
+
+
+def _settings_match(directory: Path, wanted: dict[str, Any]) -> bool:
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return False
+    manifest = json.loads(manifest_path.read_text())
+    return all(manifest.get(key) == value for key, value in wanted.items())
+
+
+def ingest(
+    source: Path,
+    out: Path,
+    *,
+    kinds: Sequence[str] = ("dense", "keyword"),
+    model: str = DEFAULT_MODEL,
+    index_type: IndexType = "flat",
+    text_field: str = "text",
+    max_words: int = 256,
+    overlap: int = 32,
+    triples: Path | None = None,
+    aliases: Path | None = None,
+    progress: bool = True,
+) -> list[KindReport]:
+    """Build (or reuse) one artifact directory per kind under `out`. Needs `ray.init()` for dense."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown kind(s) {', '.join(unknown)}; valid: {', '.join(KINDS)}")
+    reports = []
+    docs: list[Document] | None = None
+    doc_kinds = [k for k in kinds if k != "graph"]
+    if doc_kinds:
+        checksum = source_sha256(source)
+        chunking = {"max_words": max_words, "overlap": overlap, "text_field": text_field}
+    for kind in doc_kinds:
+        wanted: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": kind, "source_sha256": checksum, **chunking}
+        if kind == "dense":
+            wanted.update(model=resolve_model(model)[0], index_type=index_type)
+        target = out / kind
+        started = time.perf_counter()
+        if _settings_match(target, wanted):
+            manifest = verify(target)
+            reports.append(KindReport(kind, target, True, manifest["num_docs"], time.perf_counter() - started))
+            continue
+        if docs is None:
+            docs = list(chunk(read_source(source, text_field=text_field), max_words=max_words, overlap=overlap))
+            if not docs:
+                raise DataError(f"{source}: no documents to ingest")
+        extra = {"source": str(source), **wanted}
+        _replace(target, partial(_build, kind, docs, extra, model=model, index_type=index_type, progress=progress))
+        manifest = verify(target)
+        reports.append(KindReport(
+            kind, target, False, manifest["num_docs"], time.perf_counter() - started, manifest.get("embed_docs_per_s")
+        ))
+    if "graph" in kinds:
+        reports.append(_ingest_graph(triples or source, aliases, out / "graph", model))
+    return reports
+
+
+def _build(
+    kind: str, docs: list[Document], extra: dict[str, Any], directory: Path, *, model: str, index_type: IndexType,
+    progress: bool,
+) -> dict[str, Any]:
+    if kind == "keyword":
+        return {**KeywordRetriever(name=kind, documents=docs).save(directory), **extra}
+    started = time.perf_counter()
+    vectors = embed_on_cluster([d.text for d in docs], model, progress=progress)
+    rate = len(docs) / (time.perf_counter() - started)
+    dense = DenseRetriever(
+        name=kind,
+        documents=docs,
+        index=make_index(vectors, index_type),
+        embedder=_Embedded(resolve_model(model)[0], vectors.shape[1]),
+        index_type=index_type,
+    )
+    return {**dense.save(directory), **extra, "embed_docs_per_s": round(rate, 1)}
+
+
+def _replace(target: Path, build) -> None:
+    """Build into a fresh directory beside `target`, then swap it in; the old one goes last."""
+    fresh = target.with_name(f"{target.name}.new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    load_or_build(fresh, build=build, load=lambda d, m: None)
+    old = target.with_name(f"{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    fresh.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _ingest_graph(triples: Path, aliases: Path | None, target: Path, model: str) -> KindReport:
+    started = time.perf_counter()
+    wanted = {
+        "format_version": FORMAT_VERSION,
+        "kind": "graph",
+        "source_sha256": source_sha256(triples) + (source_sha256(aliases) if aliases else ""),
+        "model": resolve_model(model)[0],
+    }
+    if _settings_match(target, wanted):
+        manifest = verify(target)
+        return KindReport("graph", target, True, manifest["num_docs"], time.perf_counter() - started)
+    facts = read_triples(triples)
+    alias_map = read_aliases(aliases)
+
+    def build(directory: Path) -> dict[str, Any]:
+        with (directory / "triples.jsonl").open("w", encoding="utf-8") as fh:
+            for t in facts:
+                fh.write(json.dumps({"head": t.head, "relation": t.relation, "tail": t.tail,
+                                     "doc_id": t.doc_id, "text": t.text}) + "\n")
+        (directory / "aliases.json").write_text(json.dumps(alias_map, indent=1))
+        return {**wanted, "num_docs": len(facts), "source": str(triples)}
+
+    _replace(target, build)
+    return KindReport("graph", target, False, len(facts), time.perf_counter() - started)
