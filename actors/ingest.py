@@ -65,20 +65,22 @@ def _embedder_actor():
 def embed_on_cluster(
     texts: Sequence[str], model: str, *, progress: bool = True, workers: int | None = None
 ) -> np.ndarray:
-    """Encode texts with a pool of Ray actors; one per GPU if the cluster has GPUs, else one per CPU."""
+    """Encode texts with a pool of Ray actors: one per free GPU if there are any, else one per free CPU.
+
+    Each actor takes one CPU (and one GPU) and runs torch on one thread, so the pool uses what the
+    cluster has free without oversubscribing it.
+    """
     import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    cpus = max(1, int(resources.get("CPU", 1)))
+    free = ray.available_resources()
+    gpus = int(free.get("GPU", 0))
     if workers is None:
-        workers = gpus or cpus
+        workers = gpus or int(free.get("CPU", 1))
     workers = max(1, min(workers, math.ceil(len(texts) / SHARD)))
-    options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": max(1, cpus // workers)}
-    threads = 1 if gpus else max(1, cpus // workers)
-    pool = [_embedder_actor().options(**options).remote(model, threads) for _ in range(workers)]
+    options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+    pool = [_embedder_actor().options(**options).remote(model, 1) for _ in range(workers)]
     out: np.ndarray | None = None
     pending: dict[Any, int] = {}
     shards = [(s, list(texts[s : s + SHARD])) for s in range(0, len(texts), SHARD)]

@@ -68,11 +68,13 @@ def measure(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) 
     import ir_measures
 
     measures = [ir_measures.parse_measure(m) for m in MEASURES]
-    values = ir_measures.calc_aggregate(measures, qrels, run)
-    # a query with no hits at all is absent from `run`; ir-measures then averages over fewer queries
-    n = len(qrels)
-    present = sum(1 for q in qrels if run.get(q))
-    return {str(m): round(float(values.get(m, 0.0)) * present / n, 4) for m in measures}
+    totals = dict.fromkeys(measures, 0.0)
+    # Per query, then averaged over every judged query: a query with no hits scores 0 on each
+    # measure (aggregates over only the queries present in the run would leave misses out).
+    for value in ir_measures.iter_calc(measures, qrels, {q: d for q, d in run.items() if d}):
+        if value.query_id in qrels:
+            totals[value.measure] += float(value.value)
+    return {str(m): round(total / len(qrels), 4) for m, total in totals.items()}
 
 
 async def _run_queries(client, queries, systems, *, fusion, ignore_identical_ids, concurrency):
@@ -136,7 +138,7 @@ def evaluate(
         config = parse_config(
             {
                 "app_name": APP,
-                "gateway": {"ray_actor_options": {"num_cpus": 0.5}, "max_ongoing_requests": 1000},
+                "gateway": {"ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 1000},
                 "retrievers": [
                     {
                         "name": kind,
@@ -146,7 +148,7 @@ def evaluate(
                         "timeout_ms": 120_000,
                         "max_ongoing_requests": 64,
                         "batch": {"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
-                        "ray_actor_options": {"num_cpus": 1},
+                        "ray_actor_options": {"num_cpus": 0.5},
                     }
                     for kind in ("dense", "keyword")
                 ],

@@ -65,7 +65,8 @@ def validate(request: SearchRequest, config: AppConfig) -> list[str]:
     if unknown_weights:
         errors.append({
             "loc": ["body", "fusion", "weights"],
-            "msg": f"unknown retriever(s) {', '.join(map(repr, unknown_weights))}; valid: {', '.join(config.names)}",
+            "msg": f"fusion weights name unknown retriever(s) {', '.join(map(repr, unknown_weights))}; "
+            f"valid: {', '.join(config.names)}",
             "type": "value_error",
         })
     if request.filters:

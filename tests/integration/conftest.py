@@ -34,7 +34,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

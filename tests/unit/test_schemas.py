@@ -32,6 +32,9 @@ CONFIG = parse_config(
         ({"query": "x", "filters": {"k": [1]}}, "filters"),
         ({"query": "x", "timeout_ms": 0}, "timeout_ms"),
         ({"query": "x", "unknown": 1}, "unknown"),
+        ({"query": "x", "fusion": {"method": "borda"}}, "method"),
+        ({"query": "x", "fusion": {"k": 0}}, "k"),
+        ({"query": "x", "fusion": {"weights": {"a": -1}}}, "weights"),
         ({}, "query"),
     ],
 )
@@ -57,6 +60,9 @@ def test_config_dependent_checks():
     assert "'zzz'" in info.value.message and "valid: a, b" in info.value.message
     with pytest.raises(InvalidRequest, match="filter keys: domain"):
         validate(SearchRequest(query="x", filters={"colour": "red"}), CONFIG)
+    with pytest.raises(InvalidRequest, match="fusion.*valid: a, b") as info:
+        validate(SearchRequest(query="x", fusion={"weights": {"zzz": 1.0}}), CONFIG)
+    assert info.value.errors[0]["loc"] == ["body", "fusion", "weights"]
     with pytest.raises(InvalidRequest, match=r"filter keys: \(none\)"):
         validate(SearchRequest(query="x", retrievers=["a"], filters={"domain": "x"}), CONFIG)
 
