@@ -35,11 +35,11 @@ def source_files(source: Path) -> list[Path]:
 
 
 def source_sha256(source: Path) -> str:
-    """One checksum over a file, or over a directory's text files (names and bytes)."""
+    """A file's sha256 (what `sha256sum` prints), or one over a directory's text files, names and bytes."""
     digest = hashlib.sha256()
-    root = source if source.is_dir() else source.parent
     for path in source_files(source):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        if source.is_dir():
+            digest.update(str(path.relative_to(source)).encode() + b"\0")
         with path.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)

@@ -150,7 +150,7 @@ class RetrieverConfig(ScalingConfig):
 
 
 class FusionConfig(_Strict):
-    method: Literal["rrf", "minmax", "dbsf"] = Field("rrf", description="see serve_app/fusion.py")
+    method: Literal["rrf", "minmax", "dbsf"] = Field("minmax", description="see serve_app/fusion.py, docs/QUALITY.md")
     k: int = Field(60, ge=1, description="RRF constant: score = sum(weight / (k + rank))")
 
 
