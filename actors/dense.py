@@ -176,7 +176,7 @@ class DenseRetriever:
             "model": self.embedder.name,
             "dim": self.embedder.dim,
             "index_type": self.index_type,
-            "filter_keys": sorted({key for key, _ in self._by_value}),
+            "metadata_keys": sorted({key for key, _ in self._by_value}),
         }
 
     def check(self) -> None:

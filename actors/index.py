@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from actors.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: documents in a DocStore (docs.jsonl + docs.offsets.npy)
 MANIFEST = "manifest.json"
 T = TypeVar("T")
 
