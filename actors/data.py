@@ -28,7 +28,7 @@ class Triple:
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
     if not path.is_file():
-        raise DataError(f"data file not found: {path}. Check the retriever's `data` path in the config.")
+        raise DataError(f"file not found: {path} (a JSONL file is expected here)")
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
