@@ -63,8 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     eval_p.add_argument("--address", help="Ray cluster to run on (default: start a local one)")
     eval_p.add_argument("--concurrency", type=int, default=16, help="queries in flight (default 16)")
 
+    bench_p = sub.add_parser("bench", help="latency / QPS / CPU / memory against the in-process designs")
+    source = bench_p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", choices=["seed"], help="sleeping retrievers with the old design's latencies")
+    source.add_argument("--dataset", help="real retrievers over a BEIR dataset directory")
+    bench_p.add_argument("--concurrency", default="1,8,32,64", help="closed-loop clients, comma-separated")
+    bench_p.add_argument("--duration", type=float, default=10.0, help="seconds per (system, concurrency)")
+    bench_p.add_argument("--output", help="write the results as JSON here")
+
     args = parser.parse_args(argv)
-    commands = {"serve": serve, "query": query, "ingest": ingest_command, "eval": eval_command}
+    commands = {"serve": serve, "query": query, "ingest": ingest_command, "eval": eval_command, "bench": bench_command}
     try:
         return commands[args.command](args)
     except RagError as exc:
@@ -211,6 +219,12 @@ def eval_command(args: argparse.Namespace) -> int:
             json.dump(report, fh, indent=2)
         print(f"wrote {args.output}")
     return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    from benchmarks.bench import main as bench_main
+
+    return bench_main(args.profile, args.dataset, args.concurrency, args.duration, args.output)
 
 
 # -- query ---------------------------------------------------------------------------------

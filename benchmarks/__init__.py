@@ -1,0 +1,1 @@
+"""What produces the figures in docs/BENCHMARKS.md: `ragfan bench` (see bench.py)."""
