@@ -40,13 +40,20 @@ class RetrieverDeployment:
             # Pay torch's and FAISS's lazy first-call set-up here, not in the first user's deadline.
             self.retriever.search([Query(text="warm-up query", top_k=1)])
         self._search_batch.set_max_batch_size(max_batch_size)
-        self._search_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.in_flight = 0
         logger.info("retriever %s (%s) ready: %s", spec.name, spec.kind, self.retriever.describe())
 
     async def search(
         self, text: str, top_k: int = 10, filters: Mapping[str, FilterValue] | None = None
     ) -> list[Hit]:
-        return await self._search_batch(Query(text=text, top_k=top_k, filters=filters))
+        # A lone request should not wait for company: only hold a batch open when others are in flight.
+        self.in_flight += 1
+        self._search_batch.set_batch_wait_timeout_s(self.batch_wait_timeout_s if self.in_flight > 1 else 0.0)
+        try:
+            return await self._search_batch(Query(text=text, top_k=top_k, filters=filters))
+        finally:
+            self.in_flight -= 1
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _search_batch(self, queries: list[Query]) -> list[list[Hit]]:

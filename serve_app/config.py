@@ -56,7 +56,9 @@ class ActorOptions(_Strict):
 
 class BatchConfig(_Strict):
     max_batch_size: int = Field(16, ge=1, le=512, description="queries encoded together at most")
-    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=1, description="how long a batch waits to fill while other requests are in flight"
+    )
 
 
 class ScalingConfig(_Strict):
