@@ -1,7 +1,7 @@
 """The scaling figure: how one dense replica's index behaves as the corpus grows, and how QPS
 follows the number of replicas.
 
-    python -m benchmarks.scaling index [--sizes 10000,100000,1000000] [--output FILE.json]
+    python -m benchmarks.scaling index [--sizes 10000,100000,1000000] [--kinds flat,hnsw] [--output FILE.json]
     python -m benchmarks.scaling replicas --dataset DIR [--replicas 1,2,4] [--output FILE.json]
     python -m benchmarks.scaling plot INDEX.json REPLICAS.json --png docs/scaling.png
 
@@ -35,7 +35,7 @@ def unit_vectors(n: int, seed: int) -> np.ndarray:
     return out
 
 
-def index_scaling(sizes: list[int], queries: int = 200) -> list[dict]:
+def index_scaling(sizes: list[int], kinds: tuple[str, ...] = ("flat", "hnsw"), queries: int = 200) -> list[dict]:
     from actors.dense import make_index
 
     faiss.omp_set_num_threads(1)
@@ -43,7 +43,7 @@ def index_scaling(sizes: list[int], queries: int = 200) -> list[dict]:
     probe = unit_vectors(queries, seed=1)
     for n in sizes:
         vectors = unit_vectors(n, seed=0)
-        for kind in ("flat", "hnsw"):
+        for kind in kinds:
             started = time.perf_counter()
             index = make_index(vectors, kind)
             build_s = time.perf_counter() - started
@@ -79,7 +79,10 @@ def replica_scaling(dataset: str, replicas: list[int], concurrency: int = 32, du
     path = Path(dataset)
     artifacts = default_cache_dir() / "datasets" / path.resolve().name
     queries = list(load_beir(path, "test")[0].values())
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    # Enough logical CPUs for the largest replica count (3 retrievers x 0.5 CPU each, plus the
+    # gateway): on a small machine the replicas then share the real cores, which is the point.
+    needed = 0.25 + 3 * 0.5 * max(replicas)
+    ray.init(num_cpus=max(4, os.cpu_count() or 1, int(needed) + 1), include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled")
     rows = []
     try:
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     idx = sub.add_parser("index")
     idx.add_argument("--sizes", default="10000,100000,1000000")
+    idx.add_argument("--kinds", default="flat,hnsw")
     idx.add_argument("--output")
     rep = sub.add_parser("replicas")
     rep.add_argument("--dataset", required=True)
@@ -150,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.png}")
         return 0
     if args.what == "index":
-        rows = index_scaling([int(s) for s in args.sizes.split(",")])
+        rows = index_scaling([int(s) for s in args.sizes.split(",")], tuple(args.kinds.split(",")))
     else:
         rows = replica_scaling(args.dataset, [int(r) for r in args.replicas.split(",")])
     if args.output:
