@@ -7,7 +7,6 @@ kept in the metadata.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -118,15 +117,3 @@ def read_aliases(path: str | Path | None) -> dict[str, list[str]]:
     if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
         raise DataError(f"{path}: expected an object mapping each entity to a list of aliases")
     return {str(k).lower(): [str(a).lower() for a in v] for k, v in raw.items()}
-
-
-def file_sha256(*paths: str | Path | None) -> str:
-    """One checksum over the bytes of several files, in order; None entries are skipped."""
-    digest = hashlib.sha256()
-    for path in paths:
-        if path is None:
-            continue
-        with Path(path).open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()

@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from actors.base import Retriever
-from actors.data import file_sha256, read_aliases, read_documents, read_triples
+from actors.data import read_aliases, read_documents, read_triples
 from actors.dense import DenseRetriever
 from actors.embedder import DEFAULT_MODEL, SentenceTransformerEmbedder, resolve_model
 from actors.errors import DataError, RetrieverFailed
 from actors.graph import GraphRetriever
-from actors.index import build_key, default_cache_dir, load_or_build, verify
+from actors.index import build_key, default_cache_dir, load_or_build, sha256_file, verify
 from actors.keyword import KeywordRetriever
 from actors.synthetic import SyntheticRetriever
 
@@ -42,13 +42,13 @@ class RetrieverSpec:
             raise ValueError(f"{self.name}: give exactly one of `data` and `artifacts`")
 
 
-def dense_index_dir(spec: RetrieverSpec) -> Path:
+def dense_index_dir(spec: RetrieverSpec, source_sha256: str | None = None) -> Path:
     """Where the dense index for this spec lives; a changed source, model or setting moves it."""
     cache = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
     key = build_key(
         kind=spec.kind,
         model=resolve_model(spec.model)[0],
-        source_sha256=file_sha256(spec.data),
+        source_sha256=source_sha256 or sha256_file(Path(spec.data)),
         text_field=spec.params.get("text_field", "text"),
         index_type=spec.params.get("index_type", "flat"),
     )
@@ -95,7 +95,8 @@ def open_retriever(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
     p = dict(spec.params)
     if spec.kind == "dense":
         embedder = SentenceTransformerEmbedder(spec.model)
-        source_sha256 = file_sha256(spec.data)
+        source_sha256 = sha256_file(Path(spec.data))
+        target = dense_index_dir(spec, source_sha256)
 
         def build(directory: Path) -> dict[str, Any]:
             docs = read_documents(spec.data, text_field=p.get("text_field", "text"))
@@ -111,8 +112,8 @@ def open_retriever(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
         def load(directory: Path, manifest: dict[str, Any]) -> DenseRetriever:
             return DenseRetriever.load(directory, manifest, name=spec.name, embedder=embedder)
 
-        retriever, built = load_or_build(dense_index_dir(spec), build=build, load=load)
-        logger.info("%s: %s dense index at %s", spec.name, "built" if built else "reused", dense_index_dir(spec))
+        retriever, built = load_or_build(target, build=build, load=load)
+        logger.info("%s: %s dense index at %s", spec.name, "built" if built else "reused", target)
         return retriever
     if spec.kind == "keyword":
         return KeywordRetriever(

@@ -40,7 +40,8 @@ def build_key(**parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """A file's sha256, what `sha256sum` prints."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -66,7 +67,7 @@ def load_or_build(
     try:
         started = time.time()
         fields = build(tmp)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
             "format_version": FORMAT_VERSION,
             **fields,
@@ -99,6 +100,6 @@ def verify(directory: Path) -> dict[str, Any]:
         )
     for name, expected in manifest.get("files", {}).items():
         path = directory / name
-        if not path.is_file() or _sha256(path) != expected:
+        if not path.is_file() or sha256_file(path) != expected:
             raise DataError(f"{path}: missing or corrupt (checksum mismatch); delete {directory} to rebuild")
     return manifest

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from actors.data import read_documents
 from actors.errors import DataError
+from actors.index import sha256_file
 from actors.types import Document
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -36,13 +37,11 @@ def source_files(source: Path) -> list[Path]:
 
 def source_sha256(source: Path) -> str:
     """A file's sha256 (what `sha256sum` prints), or one over a directory's text files, names and bytes."""
+    if source.is_file():
+        return sha256_file(source)
     digest = hashlib.sha256()
     for path in source_files(source):
-        if source.is_dir():
-            digest.update(str(path.relative_to(source)).encode() + b"\0")
-        with path.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        digest.update(str(path.relative_to(source)).encode() + b"\0" + sha256_file(path).encode())
     return digest.hexdigest()
 
 

@@ -80,8 +80,7 @@ def _request(query, top_k, retrievers, filters, timeout_ms, fusion) -> SearchReq
             fusion=fusion,
         )
     except ValidationError as exc:
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        raise InvalidRequest("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors), errors) from None
+        raise InvalidRequest.from_validation(exc) from None
 
 
 def _cause(exc: Exception) -> BaseException:

@@ -21,6 +21,12 @@ class InvalidRequest(RagError):
     def __reduce__(self):
         return (type(self), (self.message, self.errors))
 
+    @classmethod
+    def from_validation(cls, exc: Any) -> InvalidRequest:
+        """From a pydantic ValidationError of a request body, located as HTTP's 422 locates it."""
+        errors = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return cls("; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in errors), errors)
+
 
 class NoRetrieverAvailable(RagError):
     """Every selected retriever failed. `reasons` maps each retriever to why."""

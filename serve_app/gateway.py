@@ -90,10 +90,6 @@ def _status(o: Outcome) -> RetrieverStatus:
     return RetrieverStatus(status=o.status, latency_ms=o.latency_ms, num_hits=len(o.value or []), error=o.error)
 
 
-def _errors(exc: ValidationError) -> list[dict[str, Any]]:
-    return [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-
-
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
 
@@ -127,7 +123,7 @@ class Gateway:
             try:
                 request = SearchRequest.model_validate(request)
             except ValidationError as exc:
-                raise InvalidRequest(str(exc), _errors(exc)) from None
+                raise InvalidRequest.from_validation(exc) from None
         selected = validate(request, self.config)
         if not self.config.enabled:
             return SearchResponse(
