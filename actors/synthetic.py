@@ -1,7 +1,8 @@
 """A retriever with a controlled latency and failure mode, for tests and benchmarks.
 
-It ranks its documents by word overlap with the query (a real, if simple, ranking), after sleeping
-`delay_ms` per batch, the way a remote or slow backend would. `fail: always` makes every batch
+It ranks its documents by word overlap with the query (a real, if simple, ranking) and answers
+`delay_ms` after the batch arrived: it sleeps whatever the ranking left of that time, the way a
+remote or slow backend costs about the same for one query as for several. `fail: always` makes every batch
 raise, to exercise degraded answers. It reproduces the latency profile of the design ragfan
 replaces (`ragfan bench --profile seed`) and is never part of the default config.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -35,24 +37,35 @@ class SyntheticRetriever:
         self.delay_ms = delay_ms
         self.fail = fail
         self._words = [frozenset(_WORD.findall(d.text.lower())) for d in self.documents]
+        self._postings: dict[str, list[int]] = defaultdict(list)  # word -> documents that contain it
+        for i, words in enumerate(self._words):
+            for word in words:
+                self._postings[word].append(i)
 
     def search(self, queries: Sequence[Query]) -> list[list[Hit]]:
-        if self.delay_ms:
-            time.sleep(self.delay_ms / 1000)
+        started = time.perf_counter()
+        try:
+            return self._rank(queries)
+        finally:
+            # The service time is delay_ms per batch, ranking included, whether it succeeds or fails.
+            time.sleep(max(0.0, self.delay_ms / 1000 - (time.perf_counter() - started)))
+
+    def _rank(self, queries: Sequence[Query]) -> list[list[Hit]]:
         if self.fail == "always":
             raise RetrieverFailed(f"{self.name}: configured to fail (fail: always)")
         results = []
         for q in queries:
             words = frozenset(_WORD.findall(q.text.lower()))
-            scored = [
-                (len(words & self._words[i]) / (len(words | self._words[i]) or 1), i)
-                for i, d in enumerate(self.documents)
-                if matches(d.metadata, q.filters)
-            ]
-            scored = sorted((s for s in scored if s[0] > 0), key=lambda s: (-s[0], s[1]))[: q.top_k]
+            # Only documents sharing a word can score above 0: visit those, not the whole collection.
+            candidates = {i for word in words for i in self._postings.get(word, ())}
+            scored = []
+            for i in candidates:
+                if matches(self.documents[i].metadata, q.filters):
+                    shared = len(words & self._words[i])  # Jaccard: shared / (|a| + |b| - shared)
+                    scored.append((shared / (len(words) + len(self._words[i]) - shared), i))
+            scored = sorted(scored, key=lambda s: (-s[0], s[1]))[: q.top_k]
             results.append([self.documents[i].hit(score) for score, i in scored])
         return results
-
 
     def describe(self) -> dict[str, Any]:
         return {"num_docs": len(self.documents), "delay_ms": self.delay_ms, "fail": self.fail}

@@ -64,3 +64,10 @@ def filter_text(value: FilterValue) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """What a retriever that failed to start answers instead of hits: the reason."""
+
+    reason: str

@@ -125,8 +125,11 @@ def _app_config(profile: str, artifacts: Path | None, batch: int) -> dict[str, A
     # The batch window is set against each profile's service time: the seed retrievers take 150 to
     # 300 ms a batch whatever its size, so a 50 ms window to gather a full batch is cheap; the real
     # retrievers take milliseconds, so their window stays at the 10 ms default.
-    wait = 0.05 if profile == "seed" else 0.01
-    common = {"max_ongoing_requests": 128, "batch": {"max_batch_size": batch, "batch_wait_timeout_s": wait}}
+    # The seed retrievers only wait, so a replica overlaps several batches (max_concurrent_batches);
+    # the real ones are CPU-bound, and a second batch at once would only compete for the same cores.
+    wait, overlap = (0.05, 8) if profile == "seed" else (0.01, 1)
+    common = {"max_ongoing_requests": 256 if profile == "seed" else 128,
+              "batch": {"max_batch_size": batch, "batch_wait_timeout_s": wait, "max_concurrent_batches": overlap}}
     if profile == "seed":
         retrievers = [
             {"name": n, "kind": "synthetic", "data": str(DEMO_CORPUS), "delay_ms": ms, "timeout_ms": 10_000,
@@ -221,6 +224,8 @@ def run_bench(*, profile: str | None, dataset: str | None, concurrencies: Sequen
     import ray
     from ray import serve
 
+    from serve_app.app import use_serve_env
+
     if (profile is None) == (dataset is None):
         raise ValueError("give exactly one of --profile seed and --dataset DIR")
     artifacts = None
@@ -244,6 +249,7 @@ def run_bench(*, profile: str | None, dataset: str | None, concurrencies: Sequen
     with tqdm(total=total, desc="bench", unit="run") as bar:
         runs = _in_process_runs(retrievers, queries, concurrencies, duration_s, bar)
         del retrievers
+        use_serve_env()
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:

@@ -9,14 +9,35 @@ The same builder serves every entry point:
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 from pydantic import BaseModel
 from ray.serve import Application
 
 from actors.deployment import RetrieverDeployment
-from serve_app.config import AppConfig, check_files, load_config
+from serve_app.config import AppConfig, file_problems, load_config
 from serve_app.gateway import Gateway
+from serve_app.guard import digest, load_api_keys
+
+logger = logging.getLogger("ray.serve")
+
+
+# Ray Serve settings every process of a ragfan cluster should run with. They are read when Serve's
+# modules are imported, so they must be in the environment before Ray starts its workers; on a
+# cluster started elsewhere (`ray start`, KubeRay) set them on every node.
+# RAY_SERVE_THROUGHPUT_OPTIMIZED runs replica code and the router on the replica's own event loop
+# and logs to files only. On 2 cores it halved the cost of a hop (docs/BENCHMARKS.md). ragfan's
+# replicas never block their event loop (CPU work runs in worker threads), as that mode requires.
+# Its log buffer is set back to one record, so that a warning reaches the log when it happens.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
+
+
+def use_serve_env() -> None:
+    """Put SERVE_ENV into this process's environment (values already set win) before `ray.init`."""
+    for key, value in SERVE_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 class BuildArgs(BaseModel):
@@ -26,11 +47,13 @@ class BuildArgs(BaseModel):
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Application builder for `serve run` / `serve deploy` / KubeRay serveConfigV2."""
     config = load_config(BuildArgs.model_validate(args or {}).config)
-    check_files(config)
+    for name, problem in file_problems(config).items():
+        logger.warning("retriever %s will not start: %s", name, problem)
     return app_from_config(config)
 
 
-def app_from_config(config: AppConfig) -> Application:
+def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> Application:
+    """The app for `config`. API keys: `api_keys`, else RAGFAN_API_KEYS and gateway.api_keys_file."""
     handles = {}
     if config.enabled:  # disabled: only the gateway runs, and no model is loaded anywhere
         for r in config.retrievers:
@@ -44,13 +67,16 @@ def app_from_config(config: AppConfig) -> Application:
                 num_cpus=r.ray_actor_options.num_cpus,
                 max_batch_size=r.batch.max_batch_size,
                 batch_wait_timeout_s=r.batch.batch_wait_timeout_s,
+                max_concurrent_batches=r.batch.max_concurrent_batches,
             )
     gateway = Gateway.options(
         name="gateway",
         ray_actor_options=config.gateway.ray_actor_options.to_ray(),
         **config.gateway.serve_options(),
     )
-    return gateway.bind(config, handles)
+    keys = load_api_keys(config.gateway.api_keys_file) if api_keys is None else api_keys
+    # Only digests travel to the replicas (and into Serve's stored config), never the keys.
+    return gateway.bind(config, handles, api_key_digests=tuple(digest(k) for k in keys))
 
 
 def prepare_indexes(config: AppConfig, *, progress: bool = True) -> None:
@@ -62,8 +88,9 @@ def prepare_indexes(config: AppConfig, *, progress: bool = True) -> None:
 
     if not config.enabled:
         return
+    broken = file_problems(config)
     for r in config.retrievers:
-        if r.kind == "dense":
+        if r.kind == "dense" and r.name not in broken:
             spec = r.spec(config.cache_dir)
             if not (dense_index_dir(spec) / "manifest.json").is_file():
                 open_retriever(spec, progress=progress)

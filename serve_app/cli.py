@@ -40,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     query_p.add_argument("--timeout-ms", type=int, help="lower every retriever's deadline")
     query_p.add_argument("--url", default=os.environ.get("RAGFAN_URL", DEFAULT_URL), help=f"default {DEFAULT_URL}")
     query_p.add_argument("--json", action="store_true", help="print the raw JSON response")
+    query_p.add_argument("--api-key", default=os.environ.get("RAGFAN_API_KEY"),
+                         help="sent as 'Authorization: Bearer KEY' (default: $RAGFAN_API_KEY)")
 
     ingest_p = sub.add_parser("ingest", help="build checked index artifacts from a collection")
     ingest_p.add_argument("source", help="BEIR corpus.jsonl, JSONL, a directory of .txt/.md, or (graph) triples")
@@ -85,11 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # -- serve ---------------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
-    from serve_app.app import app_from_config, prepare_indexes
-    from serve_app.config import check_files, load_config
+    from serve_app.app import app_from_config, prepare_indexes, use_serve_env
+    from serve_app.config import file_problems, load_config
+    from serve_app.guard import API_KEYS_ENV, load_api_keys
 
     config = load_config(args.config)
-    check_files(config)
+    for name, problem in file_problems(config).items():
+        print(f"ragfan: warning: retriever {name} will not start: {problem}", file=sys.stderr)
+    api_keys = load_api_keys(config.gateway.api_keys_file)
     if own_port_taken(args.host, args.port) and args.address is None:
         raise RagError(f"port {args.port} on {args.host} is in use; pick another with --port (make serve PORT=N)")
     if config.enabled:
@@ -101,6 +106,7 @@ def serve(args: argparse.Namespace) -> int:
     from ray import serve as ray_serve
 
     own_cluster = args.address is None
+    use_serve_env()
     if own_cluster:
         needed = config.gateway.ray_actor_options.num_cpus + sum(
             r.ray_actor_options.num_cpus * (r.autoscaling_config or {}).get("max_replicas", r.num_replicas or 1)
@@ -120,7 +126,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         ray_serve.start(http_options={"host": args.host, "port": args.port})
         try:
-            ray_serve.run(app_from_config(config), name=config.app_name, route_prefix="/")
+            handle = ray_serve.run(app_from_config(config, api_keys), name=config.app_name, route_prefix="/")
         except RuntimeError as exc:  # a replica failed to start: Serve says which and why
             print(f"ragfan: error: the app did not start: {exc}", file=sys.stderr)
             return 1
@@ -134,6 +140,13 @@ def serve(args: argparse.Namespace) -> int:
               Python:    from serve_app.client import RagClient; RagClient().search("...")
             Ctrl-C stops the app{" and the Ray cluster it started" if own_cluster else ""}.
             """), flush=True)
+        if api_keys:
+            print(f"ragfan: API keys on ({len(api_keys)} key(s)): send 'Authorization: Bearer <key>'; /healthz is open")
+        else:
+            print(f"ragfan: warning: no API keys configured: anyone who can reach {url} can search "
+                  f"(set {API_KEYS_ENV} or gateway.api_keys_file)", file=sys.stderr)
+        _warn_unhealthy(handle)
+        sys.stdout.flush()
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -147,6 +160,19 @@ def serve(args: argparse.Namespace) -> int:
             ray_serve.delete(config.app_name)
         print("ragfan: stopped", flush=True)
     return 0
+
+
+def _warn_unhealthy(handle: Any) -> None:
+    """Say at start which retrievers failed to load, and why: the app runs degraded without them."""
+    try:
+        info = handle.retrievers.remote().result(timeout_s=30)
+    except Exception as exc:  # reporting must not take the service down
+        print(f"ragfan: warning: could not read retriever health: {exc}", file=sys.stderr)
+        return
+    for r in info.retrievers:
+        if info.enabled and not r.healthy:
+            print(f"ragfan: warning: retriever {r.name} is unhealthy and answers are degraded without it: {r.error}",
+                  file=sys.stderr)
 
 
 def own_port_taken(host: str, port: int) -> bool:
@@ -246,15 +272,21 @@ def query(args: argparse.Namespace) -> int:
     if args.timeout_ms is not None:
         body["timeout_ms"] = args.timeout_ms
     url = args.url.rstrip("/") + "/v1/search"
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
-        response = httpx.post(url, json=body, timeout=60)
+        response = httpx.post(url, json=body, headers=headers, timeout=60)
     except httpx.HTTPError as exc:
         print(f"ragfan: error: cannot reach ragfan at {args.url} ({exc}). Is `make serve` running?", file=sys.stderr)
         return 1
+    if response.status_code == 401:
+        print("ragfan: error: the service needs an API key: pass --api-key or set RAGFAN_API_KEY", file=sys.stderr)
+        return 2
     try:
         payload = response.json()
     except ValueError:
-        print(f"ragfan: error: {url} answered {response.status_code}: {response.text[:200]}", file=sys.stderr)
+        retry = response.headers.get("retry-after")
+        hint = f" (overloaded: retry after {retry} s)" if response.status_code == 503 and retry else ""
+        print(f"ragfan: error: {url} answered {response.status_code}{hint}: {response.text[:200]}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(payload, indent=2))

@@ -9,7 +9,8 @@
     r = await client.search_async("...")      # the same, from async code
 
 Errors are the service's own: InvalidRequest (what HTTP answers with 422) and
-NoRetrieverAvailable (503).
+NoRetrieverAvailable (503). A search is read-only, so when the gateway replica serving it dies
+mid-call, the client sends it once more to another replica instead of raising.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.errors import RagError
 from serve_app.errors import InvalidRequest
 from serve_app.schemas import FilterValue, FusionOptions, SearchRequest, SearchResponse
 
 T = TypeVar("T")
+ATTEMPTS = 2  # a second try when the gateway replica died under the first
 
 
 class RagClient:
@@ -90,20 +93,30 @@ def _cause(exc: Exception) -> BaseException:
 
 
 def _reraise(call: Callable[[], T]) -> T:
-    try:
-        return call()
-    except Exception as exc:
-        cause = _cause(exc)
-        if cause is exc:
-            raise
-        raise cause from None
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return call()
+        except (RayActorError, ActorUnavailableError):
+            if attempt == ATTEMPTS:
+                raise
+        except Exception as exc:
+            cause = _cause(exc)
+            if cause is exc:
+                raise
+            raise cause from None
+    raise AssertionError("unreachable")
 
 
 async def _reraise_async(call: Callable[[], Awaitable[T]]) -> T:
-    try:
-        return await call()
-    except Exception as exc:
-        cause = _cause(exc)
-        if cause is exc:
-            raise
-        raise cause from None
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return await call()
+        except (RayActorError, ActorUnavailableError):
+            if attempt == ATTEMPTS:
+                raise
+        except Exception as exc:
+            cause = _cause(exc)
+            if cause is exc:
+                raise
+            raise cause from None
+    raise AssertionError("unreachable")

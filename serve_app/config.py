@@ -34,6 +34,10 @@ def parse_bytes(value: int | float | str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+# Ray names these itself; a replica asks for them through num_cpus / num_gpus / memory instead.
+_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -44,11 +48,24 @@ class ActorOptions(_Strict):
     num_cpus: float = Field(0.5, gt=0, description="CPUs per replica; torch/FAISS threads follow it")
     memory: int | None = Field(None, description="memory reserved per replica, bytes or '1GiB'")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica")
+    resources: dict[str, float] | None = Field(
+        None, description="custom Ray resources per replica, e.g. {dense: 1} to land on nodes that advertise it"
+    )
 
     @field_validator("memory", mode="before")
     @classmethod
     def _memory(cls, v: Any) -> Any:
         return None if v is None else parse_bytes(v)
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for name, amount in (v or {}).items():
+            if not name or name in _BUILTIN_RESOURCES:
+                raise ValueError(f"{name!r} is not a custom resource; use num_cpus, num_gpus or memory")
+            if amount < 0:
+                raise ValueError(f"resources.{name} must be >= 0, got {amount}")
+        return v
 
     def to_ray(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -59,15 +76,29 @@ class BatchConfig(_Strict):
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, le=1, description="how long a batch waits to fill while other requests are in flight"
     )
+    max_concurrent_batches: int = Field(
+        1, ge=1, le=64, description="batches a replica runs at once; >1 pays off for I/O-bound retrievers"
+    )
+
+
+class CircuitBreakerConfig(_Strict):
+    failures: int = Field(5, ge=1, description="consecutive failures or timeouts that open the circuit")
+    cooldown_s: float = Field(5.0, ge=0, description="how long an open circuit skips the retriever before a probe")
 
 
 class ScalingConfig(_Strict):
     num_replicas: int | None = Field(1, ge=1, description="fixed replica count (ignored with autoscaling)")
     autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling_config")
     max_ongoing_requests: int = Field(32, ge=1, description="concurrent requests per replica")
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="requests callers may queue for this deployment before Serve rejects them; -1: no limit"
+    )
 
     def serve_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"max_ongoing_requests": self.max_ongoing_requests}
+        options: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
         if self.autoscaling_config:
             options["autoscaling_config"] = self.autoscaling_config
         else:
@@ -102,6 +133,10 @@ class RetrieverConfig(ScalingConfig):
     timeout_ms: int = Field(1000, ge=1, le=600_000, description="deadline for this retriever's answer")
     weight: float = Field(1.0, ge=0, description="weight in fusion")
     filter_keys: list[str] = Field([], description="metadata keys this retriever filters on")
+    max_in_flight: int = Field(
+        64, ge=1, description="calls each gateway replica may have outstanding to this retriever; more are skipped"
+    )
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
     ray_actor_options: ActorOptions = ActorOptions()
     batch: BatchConfig = BatchConfig()
 
@@ -158,7 +193,20 @@ class FusionConfig(_Strict):
 
 class GatewayConfig(ScalingConfig):
     max_ongoing_requests: int = 200
+    max_queued_requests: int = Field(200, ge=-1, description="beyond this many waiting, answer 503 at once")
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After of a 503 for overload")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get a 413 (bytes or '64KiB')")
+    api_keys_file: Path | None = Field(None, description="one API key per line; adds to RAGFAN_API_KEYS")
     ray_actor_options: ActorOptions = ActorOptions(num_cpus=0.25)
+
+    @field_validator("max_body_bytes", mode="before")
+    @classmethod
+    def _body_bytes(cls, v: Any) -> Any:
+        return parse_bytes(v)
+
+    def serve_options(self) -> dict[str, Any]:
+        backpressure = {"status_code": 503, "retry_after_s": self.retry_after_s}
+        return {**super().serve_options(), "backpressure_config": backpressure}
 
 
 class AppConfig(_Strict):
@@ -214,27 +262,38 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "<config>") -> AppCo
             r.aliases = (base_dir / r.aliases).resolve()
     if config.cache_dir is not None:
         config.cache_dir = (base_dir / config.cache_dir.expanduser()).resolve()
+    if config.gateway.api_keys_file is not None:
+        config.gateway.api_keys_file = (base_dir / config.gateway.api_keys_file.expanduser()).resolve()
     if os.environ.get("RAGFAN_DISABLED", "").strip().lower() in {"1", "true", "yes", "on"}:
         config.enabled = False
     return config
 
 
-def check_files(config: AppConfig) -> None:
-    """Every data and aliases file a retriever names must exist: fail at start, not in a replica."""
+def file_problems(config: AppConfig) -> dict[str, str]:
+    """Retrievers whose data, aliases or artifacts are missing, and why; {} when all are there.
+
+    `ragfan serve` warns about these and starts the rest: such a retriever stays unhealthy, with
+    this reason, and answers are degraded without it.
+    """
     if not config.enabled:
-        return
-    missing = [
-        f"retrievers.{i}.{key}: file not found: {path}"
-        for i, r in enumerate(config.retrievers)
-        for key, path in (("data", r.data), ("aliases", r.aliases))
-        if path is not None and not path.is_file()
-    ] + [
-        f"retrievers.{i}.artifacts: no manifest.json in {r.artifacts}; build it with `ragfan ingest`"
-        for i, r in enumerate(config.retrievers)
-        if r.artifacts is not None and not (r.artifacts / "manifest.json").is_file()
-    ]
-    if missing:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(missing))
+        return {}
+    problems: dict[str, str] = {}
+    for i, r in enumerate(config.retrievers):
+        for key, path in (("data", r.data), ("aliases", r.aliases)):
+            if path is not None and not path.is_file():
+                problems.setdefault(r.name, f"retrievers.{i}.{key}: file not found: {path}")
+        if r.artifacts is not None and not (r.artifacts / "manifest.json").is_file():
+            problems.setdefault(
+                r.name, f"retrievers.{i}.artifacts: no manifest.json in {r.artifacts}; build it with `ragfan ingest`"
+            )
+    return problems
+
+
+def check_files(config: AppConfig) -> None:
+    """Raise ConfigError naming every missing file (for tools that need the whole config)."""
+    problems = file_problems(config)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems.values()))
 
 
 def load_config(path: str | Path | None = None) -> AppConfig:

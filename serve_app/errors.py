@@ -31,12 +31,17 @@ class InvalidRequest(RagError):
 class NoRetrieverAvailable(RagError):
     """Every selected retriever failed. `reasons` maps each retriever to why."""
 
-    def __init__(self, message: str, reasons: dict[str, Any] | None = None) -> None:
+    def __init__(self, message: str, reasons: dict[str, Any] | None = None, *, retry_after_s: int = 1) -> None:
         super().__init__(message)
         self.reasons = reasons or {}
+        self.retry_after_s = retry_after_s
 
     def __reduce__(self):
-        return (type(self), (self.message, self.reasons))
+        return (_rebuild_unavailable, (self.message, self.reasons, self.retry_after_s))
+
+
+def _rebuild_unavailable(message: str, reasons: dict[str, Any], retry_after_s: int) -> NoRetrieverAvailable:
+    return NoRetrieverAvailable(message, reasons, retry_after_s=retry_after_s)
 
 
 __all__ = ["ConfigError", "DataError", "InvalidRequest", "NoRetrieverAvailable", "RagError", "RetrieverFailed"]

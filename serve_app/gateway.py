@@ -6,7 +6,9 @@ statuses in one place, the exception handlers at the bottom of this module.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 from functools import partial
 from typing import Any
@@ -17,12 +19,15 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve_app import __version__
+from actors.types import Unavailable
+from serve_app import __version__, guard
+from serve_app.breaker import CircuitBreaker
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, NoRetrieverAvailable
-from serve_app.fanout import Call, Outcome, fan_out
+from serve_app.fanout import Call, Outcome, call_with_deadline, fan_out
 from serve_app.fusion import fuse
 from serve_app.schemas import (
+    ErrorResponse,
     FusionOptions,
     Result,
     RetrieverInfo,
@@ -35,6 +40,14 @@ from serve_app.schemas import (
 
 logger = logging.getLogger("ray.serve")
 DESCRIBE_TIMEOUT_S = 5.0
+CIRCUIT_OPEN = "circuit open"
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "API keys are on and the request has no valid one"},
+    413: {"model": ErrorResponse, "description": "the body is over gateway.max_body_bytes"},
+    503: {"model": ErrorResponse, "description": "no selected retriever answered, or the gateway is overloaded; "
+          "see Retry-After"},
+}
+SEARCH_ERRORS = {**ERRORS, 400: {"model": ErrorResponse, "description": "a malformed Content-Length"}}
 DISABLED = "ragfan is disabled (RAGFAN_DISABLED or enabled: false)"
 
 api = FastAPI(
@@ -104,17 +117,27 @@ async def _unavailable(_: Request, exc: NoRetrieverAvailable) -> JSONResponse:
     return JSONResponse(
         status_code=503,
         content={"detail": {"message": exc.message, "retrievers": exc.reasons}},
-        headers={"Retry-After": "1"},
+        headers={"Retry-After": str(exc.retry_after_s)},
     )
+
+
+api.add_middleware(guard.Guard)
 
 
 @serve.deployment(logging_config={"enable_access_log": False})
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, config: AppConfig, retrievers: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self, config: AppConfig, retrievers: dict[str, DeploymentHandle], *, api_key_digests: tuple[bytes, ...] = ()
+    ) -> None:
         self.config = config
         self.handles = retrievers
         self.weights = {r.name: r.weight for r in config.retrievers}
+        cb = {r.name: r.circuit_breaker for r in config.retrievers}
+        self.breakers = {n: CircuitBreaker(failures=c.failures, cooldown_s=c.cooldown_s) for n, c in cb.items()}
+        self.in_flight = dict.fromkeys(config.names, 0)
+        self.last_problem: dict[str, str | None] = dict.fromkeys(config.names)
+        guard.configure(max_body_bytes=config.gateway.max_body_bytes, key_digests=api_key_digests)
 
     async def search(self, request: SearchRequest | dict[str, Any]) -> SearchResponse:
         """The whole search; raises InvalidRequest or NoRetrieverAvailable."""
@@ -133,7 +156,8 @@ class Gateway:
                 degraded=False,
                 latency_ms=_ms(started),
             )
-        outcomes = await fan_out({name: self._call(name, request) for name in selected})
+        answers = await asyncio.gather(*(self._guarded(name, request) for name in selected))
+        outcomes = {o.name: o for o in answers}
         ok = {name: o.value for name, o in outcomes.items() if o.status == "ok"}
         statuses = {
             name: _status(outcomes[name]) if name in outcomes else RetrieverStatus(status="skipped")
@@ -146,9 +170,11 @@ class Gateway:
             " ".join(f"{n}={s.status}/{s.latency_ms:.0f}ms" for n, s in statuses.items() if s.status != "skipped"),
         )
         if not ok:
+            retry = [self.breakers[n].retry_in_s() for n, o in outcomes.items() if o.error == CIRCUIT_OPEN]
             raise NoRetrieverAvailable(
                 "no selected retriever answered",
                 {name: {"status": o.status, "error": o.error} for name, o in outcomes.items()},
+                retry_after_s=max(1, math.ceil(min(retry))) if len(retry) == len(outcomes) else 1,
             )
         options = request.fusion or FusionOptions()
         fused = fuse(
@@ -175,6 +201,48 @@ class Gateway:
             latency_ms=total,
         )
 
+    async def _guarded(self, name: str, request: SearchRequest) -> Outcome:
+        """One retriever's call, behind its circuit breaker and its bound on calls in flight."""
+        cfg = self.config.retriever(name)
+        limit = cfg.max_in_flight
+        if self.in_flight[name] >= limit:
+            return Outcome(name, "skipped", error=f"{limit} calls already in flight")
+        breaker = self.breakers[name]
+        if not breaker.allow():
+            return Outcome(name, "skipped", error=CIRCUIT_OPEN)
+        self.in_flight[name] += 1
+        try:
+            outcome = await call_with_deadline(name, self._call(name, request))
+            if isinstance(outcome.value, Unavailable):
+                outcome = Outcome(name, "error", outcome.latency_ms, error=outcome.value.reason)
+        except asyncio.CancelledError:
+            breaker.release()
+            raise
+        finally:
+            self.in_flight[name] -= 1
+        if outcome.status == "timeout" and request.timeout_ms is not None and request.timeout_ms < cfg.timeout_ms:
+            breaker.release()  # the caller's own shorter deadline says nothing about the retriever
+            return outcome
+        was = breaker.state
+        breaker.record(outcome.status == "ok")
+        self._note(name, outcome, opened=was != "open" and breaker.state == "open")
+        return outcome
+
+    def _note(self, name: str, outcome: Outcome, *, opened: bool) -> None:
+        """Log a retriever's trouble when it starts or changes, and its recovery; not every request."""
+        problem = None if outcome.status == "ok" else f"{outcome.status}: {outcome.error}"
+        if opened:
+            b = self.breakers[name]
+            logger.warning("retriever %s: circuit open after %d failures in a row; skipping it for %.1f s",
+                           name, b.consecutive_failures, b.cooldown_s)
+        if problem == self.last_problem[name]:
+            return
+        if problem is None:
+            logger.info("retriever %s answers again", name)
+        else:
+            logger.warning("retriever %s degraded the answer: %s", name, problem)
+        self.last_problem[name] = problem
+
     def _call(self, name: str, request: SearchRequest) -> Call:
         cfg = self.config.retriever(name)
         timeout_ms = min(cfg.timeout_ms, request.timeout_ms or cfg.timeout_ms)
@@ -191,22 +259,28 @@ class Gateway:
         infos = []
         for r in self.config.retrievers:
             o = outcomes.get(r.name)
+            detail = o.value if o is not None and o.status == "ok" else None
+            start_error = (detail or {}).get("error")  # the replica is up but its retriever failed to load
             infos.append(RetrieverInfo(
                 name=r.name,
                 kind=r.kind,
                 config=r.summary(),
-                healthy=o is not None and o.status == "ok",
-                detail=o.value if o is not None and o.status == "ok" else None,
-                error=DISABLED if o is None else o.error,
+                healthy=detail is not None and start_error is None,
+                detail=detail,
+                error=DISABLED if o is None else start_error or o.error,
+                circuit=self.breakers[r.name].snapshot(),
+                in_flight=self.in_flight[r.name],
             ))
         return RetrieversResponse(enabled=self.config.enabled, retrievers=infos)
 
     # -- HTTP ------------------------------------------------------------------------------
-    @api.post("/v1/search", response_model=SearchResponse, summary="Search all or some retrievers")
+    @api.post("/v1/search", response_model=SearchResponse, summary="Search all or some retrievers",
+              responses=SEARCH_ERRORS)
     async def http_search(self, request: SearchRequest) -> SearchResponse:
         return await self.search(request)
 
-    @api.get("/v1/retrievers", response_model=RetrieversResponse, summary="Each retriever and its health")
+    @api.get("/v1/retrievers", response_model=RetrieversResponse, summary="Each retriever and its health",
+             responses={401: ERRORS[401]})
     async def http_retrievers(self) -> RetrieversResponse:
         return await self.retrievers()
 

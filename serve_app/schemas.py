@@ -7,6 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 FilterValue = str | int | float | bool
+# C0 and C1 control characters, less tab and newlines: never meaningful in a query
+_CONTROL = frozenset(chr(c) for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]) - {"\t", "\n", "\r"}
 Status = Literal["ok", "timeout", "error", "skipped"]
 
 
@@ -26,7 +28,7 @@ class FusionOptions(BaseModel):
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     query: str = Field(description="the question or keywords; not empty")
     top_k: int = Field(10, ge=1, le=100, description="number of fused results")
@@ -40,6 +42,9 @@ class SearchRequest(BaseModel):
     def _not_blank(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("query must not be empty or whitespace")
+        bad = next((i for i, ch in enumerate(v) if ch in _CONTROL), None)
+        if bad is not None:
+            raise ValueError(f"query contains control character U+{ord(v[bad]):04X} at position {bad}")
         return v
 
 
@@ -72,13 +77,22 @@ class SearchResponse(BaseModel):
     latency_ms: float
 
 
+class ErrorResponse(BaseModel):
+    detail: Any = Field(description="what was wrong: a message, or for 503 the reason of each retriever")
+
+
 class RetrieverInfo(BaseModel):
     name: str
     kind: str
     config: dict[str, Any]
     healthy: bool
     detail: dict[str, Any] | None = Field(None, description="what the replica reports: doc count, model, ...")
-    error: str | None = None
+    error: str | None = Field(None, description="why it is unhealthy: failed to start, no answer, ...")
+    circuit: dict[str, Any] | None = Field(
+        None, description="this gateway replica's circuit breaker: state (closed, open, half_open), "
+        "consecutive_failures, retry_in_s"
+    )
+    in_flight: int = Field(0, description="calls this gateway replica has outstanding to the retriever")
 
 
 class RetrieversResponse(BaseModel):

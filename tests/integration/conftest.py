@@ -1,6 +1,7 @@
 """One real local Ray cluster per test session, with three apps on one Serve HTTP proxy.
 
-- `ragfan` (/)        the embedded default: five real retrievers, the real model in each replica
+- `ragfan` (/)        the embedded default's five real retrievers, the real model in each replica, deployed
+                      from the KubeRay manifest's serveConfigV2 (cluster_configs/rayservice.yaml) as KubeRay would
 - `faults` (/faults)  synthetic retrievers that sleep, fail or hang, for fan-out behaviour
 - `off`    (/off)     the same default config with enabled: false
 
@@ -9,6 +10,7 @@ Starting Ray costs seconds and loading the model costs more, so everything is se
 
 from __future__ import annotations
 
+import importlib
 import socket
 import time
 from pathlib import Path
@@ -16,13 +18,25 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
+import yaml
 from ray import serve
 
-from serve_app.app import app_from_config, prepare_indexes
+from serve_app.app import app_from_config, prepare_indexes, use_serve_env
 from serve_app.config import DEFAULT_CONFIG, load_config, parse_config
 
 pytestmark = pytest.mark.integration
 CORPUS = DEFAULT_CONFIG.parent / "data" / "corpus.jsonl"
+TINYBEIR = Path(__file__).resolve().parents[1] / "fixtures" / "tinybeir"
+ROOT = Path(__file__).resolve().parents[2]
+RAYSERVICE = ROOT / "cluster_configs" / "rayservice.yaml"
+DENSE_UNITS = 3  # the custom resource the manifest's dense retrievers need: one per replica, three at the least
+
+
+def manifest_application() -> dict:
+    """The one application in the RayService's serveConfigV2 (the same as cluster_configs/serve.yaml)."""
+    (service,) = [d for d in yaml.safe_load_all(RAYSERVICE.read_text(encoding="utf-8")) if d["kind"] == "RayService"]
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    return app
 
 
 def _free_port() -> int:
@@ -34,7 +48,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     port = _free_port()
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    # `dense`: what KubeRay's dense worker pods advertise, so the manifest's dense retrievers can be placed
+    use_serve_env()
+    ray.init(num_cpus=6, resources={"dense": DENSE_UNITS}, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -43,9 +59,14 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def base_url(cluster) -> str:
-    config = load_config()
-    prepare_indexes(config, progress=False)
-    serve.run(app_from_config(config), name="ragfan", route_prefix="/")
+    # As Serve does for serveConfigV2: import the builder named by import_path and call it with args.
+    # args.config is relative to the workers' working directory: the repository root (in the image too).
+    app = manifest_application()
+    args = {**app["args"], "config": str(ROOT / app["args"]["config"])}
+    prepare_indexes(load_config(args["config"]), progress=False)
+    module, _, attr = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    serve.run(builder(args), name=app["name"], route_prefix=app["route_prefix"])
     return cluster
 
 
@@ -70,6 +91,14 @@ def faults_url(cluster) -> str:
                 *(synthetic(f"slow{i}", delay_ms=200) for i in range(1, 5)),
                 synthetic("failing", fail="always"),
                 synthetic("hanging", delay_ms=5000, timeout_ms=300),
+                # batches of one, four at a time: an I/O-bound retriever overlapping its waits
+                synthetic("overlapping", delay_ms=300, batch={"max_batch_size": 1, "max_concurrent_batches": 4}),
+                synthetic("quick"),
+                # circuit breaking: opens after 3 failures in a row, probes again after 1 s
+                synthetic("flaky", fail="always", circuit_breaker={"failures": 3, "cooldown_s": 1.0}),
+                # hangs for a minute; its breaker never opens, so every call waits out its deadline
+                synthetic("stuck", delay_ms=60_000, timeout_ms=300, max_in_flight=3,
+                          circuit_breaker={"failures": 1000}),
             ],
         },
         base_dir=Path("."),
@@ -116,3 +145,59 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.25) -> float:
             return time.perf_counter() - started
         time.sleep(interval_s)
     pytest.fail(f"condition not met within {timeout_s} s")
+
+
+API_KEY = "test-key-5f1c"  # the `guard` app's key; the tests check it never shows in logs
+
+
+@pytest.fixture(scope="session")
+def broken_index(tmp_path_factory) -> Path:
+    """Keyword artifacts built by ingest, then altered: its retriever must fail to start."""
+    from actors.ingest import ingest
+
+    out = tmp_path_factory.mktemp("broken")
+    ingest(TINYBEIR / "corpus.jsonl", out, kinds=("keyword",), progress=False)
+    victim = next(p for p in sorted((out / "keyword").iterdir()) if p.name != "manifest.json" and p.is_file())
+    with victim.open("ab") as fh:
+        fh.write(b"tampered")
+    return out / "keyword"
+
+
+@pytest.fixture(scope="session")
+def guard_url(cluster, broken_index, tmp_path_factory) -> str:
+    """Two gateway replicas behind API keys; two working retrievers and one that fails to start."""
+    keys = tmp_path_factory.mktemp("keys") / "api_keys.txt"
+    keys.write_text(f"# keys for the guard app\n{API_KEY}\n")
+    config = parse_config(
+        {
+            "app_name": "guard",
+            "gateway": {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 2, "api_keys_file": str(keys)},
+            "retrievers": [
+                synthetic("steady", delay_ms=20),
+                synthetic("steady2", delay_ms=20),
+                {"name": "broken", "kind": "keyword", "artifacts": str(broken_index),
+                 "ray_actor_options": {"num_cpus": 0.1}},
+            ],
+        },
+        base_dir=Path("."),
+    )
+    serve.run(app_from_config(config, api_keys=None), name="guard", route_prefix="/guard")
+    return cluster + "/guard"
+
+
+@pytest.fixture(scope="session")
+def tight_url(cluster) -> str:
+    """A gateway that runs 2 requests and queues 2 more; the rest get 503 with Retry-After: 2."""
+    config = parse_config(
+        {
+            "app_name": "tight",
+            "gateway": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 2, "max_queued_requests": 2,
+                        "retry_after_s": 2},
+            "retrievers": [
+                synthetic("slowish", delay_ms=500, batch={"max_batch_size": 1, "max_concurrent_batches": 8}),
+            ],
+        },
+        base_dir=Path("."),
+    )
+    serve.run(app_from_config(config, api_keys=[]), name="tight", route_prefix="/tight")
+    return cluster + "/tight"

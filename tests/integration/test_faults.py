@@ -73,6 +73,20 @@ def test_503_when_every_selected_retriever_fails(faults_url, http):
     assert r.json()["detail"]["retrievers"]["failing"]["status"] == "error"
 
 
+def test_max_concurrent_batches_lets_a_replica_overlap_slow_batches(faults_url, http):
+    def timed() -> float:
+        with httpx.Client(timeout=30) as c:
+            r = search(c, faults_url, retrievers=["overlapping"])
+            assert r.status_code == 200 and r.json()["retrievers"]["overlapping"]["status"] == "ok"
+            return r.json()["latency_ms"]
+
+    timed()
+    with ThreadPoolExecutor(4) as pool:
+        latencies = sorted(pool.map(lambda _: timed(), range(4)))
+    # one 300 ms batch of one query at a time would take 1200 ms for the last of four
+    assert latencies[-1] < 900, latencies
+
+
 def test_disabled_app_answers_empty_at_once(off_url, http):
     r = http.post(f"{off_url}/v1/search", json={"query": "anything"})
     assert r.status_code == 200

@@ -80,9 +80,14 @@ def test_ragfan_disabled_env_overrides_the_file(monkeypatch):
 
 def test_scaling_options_choose_replicas_or_autoscaling():
     config = load_config(DEFAULT_CONFIG)
-    assert config.retriever("corpus").serve_options() == {"max_ongoing_requests": 32, "num_replicas": 1}
+    assert config.retriever("corpus").serve_options() == {
+        "max_ongoing_requests": 32, "max_queued_requests": -1, "num_replicas": 1
+    }
     keyword = config.retriever("keyword").serve_options()
     assert keyword["autoscaling_config"]["max_replicas"] == 2 and "num_replicas" not in keyword
+    gateway = config.gateway.serve_options()
+    assert gateway["max_queued_requests"] == 200
+    assert gateway["backpressure_config"] == {"status_code": 503, "retry_after_s": 1}
 
 
 def test_spec_carries_kind_specific_parameters(tmp_path):
@@ -94,9 +99,35 @@ def test_spec_carries_kind_specific_parameters(tmp_path):
     assert spec.cache_dir == str(tmp_path / "cache")
 
 
+def test_batch_options_default_and_bounds():
+    raw = {"retrievers": [{"name": "s", "kind": "synthetic", "data": "d.jsonl"}]}
+    batch = parse_config(raw, base_dir=Path(".")).retrievers[0].batch
+    assert (batch.max_batch_size, batch.batch_wait_timeout_s, batch.max_concurrent_batches) == (16, 0.01, 1)
+    raw["retrievers"][0]["batch"] = {"max_concurrent_batches": 0}
+    with pytest.raises(ConfigError, match=r"retrievers.0.batch.max_concurrent_batches"):
+        parse_config(raw, base_dir=Path("."))
+
+
 def test_parse_bytes():
     assert parse_bytes("1GiB") == 2**30
     assert parse_bytes("512 MiB") == 512 * 2**20
     assert parse_bytes(1000) == 1000
     with pytest.raises(ValueError):
         parse_bytes("1 parsec")
+
+
+def test_custom_resources_pass_straight_to_ray_actor_options():
+    raw = minimal(ray_actor_options={"num_cpus": 0.3, "resources": {"dense": 1}})
+    options = parse_config(raw, base_dir=Path(".")).retrievers[0].ray_actor_options
+    assert options.to_ray() == {"num_cpus": 0.3, "num_gpus": 0, "resources": {"dense": 1}}
+    assert "resources" not in parse_config(minimal(), base_dir=Path(".")).retrievers[0].ray_actor_options.to_ray()
+
+
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [({"CPU": 1}, "not a custom resource"), ({"dense": -1}, "must be >= 0"), ({"dense": "lots"}, "valid number")],
+)
+def test_invalid_custom_resources_are_rejected(resources, message):
+    with pytest.raises(ConfigError, match="retrievers.0.ray_actor_options.resources") as info:
+        parse_config(minimal(ray_actor_options={"resources": resources}), base_dir=Path("."))
+    assert message in info.value.message

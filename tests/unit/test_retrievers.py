@@ -1,3 +1,6 @@
+import contextlib
+import time
+
 import numpy as np
 import pytest
 
@@ -116,6 +119,15 @@ def test_synthetic_ranks_by_overlap_and_can_fail(docs):
     bad = SyntheticRetriever(name="s", documents=docs, fail="always")
     with pytest.raises(RetrieverFailed, match="configured to fail"):
         bad.search([Query("x")])
+
+
+def test_synthetic_delay_is_the_whole_service_time_of_a_batch(docs):
+    slow = SyntheticRetriever(name="s", documents=docs, delay_ms=60)
+    for retriever in (slow, SyntheticRetriever(name="s", documents=docs, delay_ms=60, fail="always")):
+        started = time.perf_counter()
+        with contextlib.suppress(RetrieverFailed):
+            retriever.search([Query("aspirin cancer")] * 8)  # a batch of 8 costs one delay, not 8
+        assert 0.06 <= time.perf_counter() - started < 0.3
 
 
 def test_query_top_k_must_be_positive():

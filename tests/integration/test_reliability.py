@@ -1,0 +1,284 @@
+"""Issue 5's promises against the real local cluster: circuit breaking, bounded waits on a hung
+retriever, backpressure, a retriever that fails to start, bad input, API keys, and replicas
+(retriever and gateway) killed under load. Each test prints the figure docs/RELIABILITY.md quotes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import ray
+from ray import serve
+
+from serve_app.client import RagClient
+from tests.integration.conftest import API_KEY, replica_actors, wait_until
+
+AUTH = {"authorization": f"Bearer {API_KEY}"}
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def search(client, url, headers=None, **body):
+    return client.post(f"{url}/v1/search", json={"query": "vitamin d cancer risk", **body}, headers=headers or {})
+
+
+def retriever_info(client, url, name, headers=None) -> dict:
+    infos = client.get(f"{url}/v1/retrievers", headers=headers or {}).json()["retrievers"]
+    return next(i for i in infos if i["name"] == name)
+
+
+# -- circuit breaker -------------------------------------------------------------------------
+def test_circuit_opens_after_n_failures_then_lets_one_probe_through(faults_url, http):
+    statuses = []
+    for _ in range(3):
+        r = search(http, faults_url, retrievers=["quick", "flaky"])
+        assert r.status_code == 200 and r.json()["degraded"] is True
+        statuses.append(r.json()["retrievers"]["flaky"]["status"])
+    assert statuses == ["error"] * 3
+    opened = search(http, faults_url, retrievers=["quick", "flaky"]).json()["retrievers"]["flaky"]
+    assert opened["status"] == "skipped" and opened["error"] == "circuit open"
+    circuit = retriever_info(http, faults_url, "flaky")["circuit"]
+    assert circuit["state"] == "open" and circuit["consecutive_failures"] == 3 and 0 < circuit["retry_in_s"] <= 1.0
+
+    # only flaky selected and its circuit open: 503, and Retry-After says when the probe may go
+    r = search(http, faults_url, retrievers=["flaky"])
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+    time.sleep(1.1)  # the cool-down passes: the next request probes, fails, and the circuit reopens
+    probe = search(http, faults_url, retrievers=["quick", "flaky"]).json()["retrievers"]["flaky"]
+    assert probe["status"] == "error" and "configured to fail" in probe["error"]
+    after = search(http, faults_url, retrievers=["quick", "flaky"]).json()["retrievers"]["flaky"]
+    assert after["error"] == "circuit open"
+
+
+# -- deadlines with a hung retriever ---------------------------------------------------------
+def test_a_hung_retriever_costs_its_deadline_and_no_more(faults_url, http):
+    latencies = []
+    for _ in range(30):
+        r = search(http, faults_url, retrievers=["quick", "stuck"])
+        body = r.json()
+        assert r.status_code == 200 and body["retrievers"]["stuck"]["status"] == "timeout"
+        assert body["retrievers"]["quick"]["status"] == "ok" and body["results"]
+        latencies.append(body["latency_ms"])
+    latencies.sort()
+    p50, p99 = latencies[len(latencies) // 2], latencies[-1]
+    print(f"\nhung retriever, timeout 300 ms: gateway p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+    assert latencies[0] >= 300
+    assert p99 <= 300 + 200  # the issue's figure is <= timeout + 50 ms; this machine is shared and noisy
+    wait_until(lambda: retriever_info(http, faults_url, "stuck")["in_flight"] == 0, 5)
+
+
+def test_calls_to_a_hung_retriever_are_bounded_in_flight(faults_url, http):
+    def one(_):
+        with httpx.Client(timeout=30) as c:
+            return search(c, faults_url, retrievers=["quick", "stuck"], timeout_ms=2000).json()
+
+    with ThreadPoolExecutor(10) as pool:
+        bodies = list(pool.map(one, range(10)))
+    stuck = Counter(b["retrievers"]["stuck"]["status"] for b in bodies)
+    skipped = [b["retrievers"]["stuck"]["error"] for b in bodies if b["retrievers"]["stuck"]["status"] == "skipped"]
+    print(f"\n10 concurrent requests, stuck max_in_flight 3: {dict(stuck)}")
+    assert stuck["timeout"] <= 3 and stuck["timeout"] + stuck["skipped"] == 10 and skipped
+    assert all(e == "3 calls already in flight" for e in skipped)
+    assert all(b["retrievers"]["quick"]["status"] == "ok" for b in bodies)
+    wait_until(lambda: retriever_info(http, faults_url, "stuck")["in_flight"] == 0, 5)
+
+
+# -- backpressure ----------------------------------------------------------------------------
+def test_overload_gets_503_with_retry_after_at_once(tight_url, http):
+    assert search(http, tight_url).status_code == 200  # the path is up
+
+    def one(_):
+        started = time.perf_counter()
+        with httpx.Client(timeout=30) as c:
+            r = search(c, tight_url)
+        return r.status_code, r.headers.get("retry-after"), (time.perf_counter() - started) * 1000
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    codes = Counter(code for code, _, _ in results)
+    rejected = sorted(ms for code, _, ms in results if code == 503)
+    served = sorted(ms for code, _, ms in results if code == 200)
+    print(f"\n16 at once against 2 running + 2 queued: {dict(codes)}; 503 median {rejected[len(rejected) // 2]:.0f} ms,"
+          f" 200 median {served[len(served) // 2]:.0f} ms")
+    assert set(codes) <= {200, 503} and codes[503] >= 8 and codes[200] >= 2
+    assert all(retry == "2" for code, retry, _ in results if code == 503)
+    assert rejected[len(rejected) // 2] < served[0]  # rejected at once, not after waiting their turn
+
+
+# -- a retriever that fails to start ---------------------------------------------------------
+def test_a_retriever_that_fails_to_start_is_unhealthy_and_the_rest_serve(guard_url, http):
+    info = retriever_info(http, guard_url, "broken", AUTH)
+    assert info["healthy"] is False
+    assert "failed to start" in info["error"] and "data.csc.index.npy" in info["error"]
+    assert "checksum mismatch" in info["error"]
+    assert retriever_info(http, guard_url, "steady", AUTH)["healthy"] is True
+    for _ in range(8):
+        r = search(http, guard_url, AUTH)
+        assert r.status_code == 200
+        body = r.json()
+        assert body["degraded"] is True and body["results"]
+        assert body["retrievers"]["steady"]["status"] == "ok"
+        assert body["retrievers"]["broken"]["status"] in {"error", "skipped"}
+    # each gateway replica logs the reason once, not once per request
+    logs_dir = ray._private.worker.global_worker.node.get_logs_dir_path()
+    lines = [
+        line
+        for path in glob.glob(os.path.join(logs_dir, "serve", "replica_guard_gateway_*.log"))
+        for line in open(path, encoding="utf-8", errors="replace")
+        if "retriever broken degraded the answer" in line
+    ]
+    assert 1 <= len(lines) <= 2, lines
+
+
+# -- bad input -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "content_type", "reason"),
+    [
+        (b'{"query": "caf\xff\xfe"}', "application/json", "not valid UTF-8"),
+        (b'{"query": "x", "top_k": 1e999}', "application/json", "out of range"),
+        (b'{"query": "x", "top_k": NaN}', "application/json", "NaN is not valid JSON"),
+        (b'{"query": "x", "top_k": ' + b"9" * 5000 + b"}", "application/json", "not valid JSON"),
+        (b'{"query": "x", "filters": {"a": ' + nested(5000) + b"}}", "application/json", "nested too deeply"),
+        (b'{"query": "x", "filters": {"a": ' + nested(40) + b"}}", "application/json", "nested too deeply"),
+        (b'{"query": "x",', "application/json", "not valid JSON"),
+    ],
+    ids=["non-utf8", "huge-float", "nan", "huge-int", "deep-json", "deep-json-40", "truncated"],
+)
+def test_malformed_bodies_get_422_with_the_reason(guard_url, http, body, content_type, reason):
+    r = http.post(f"{guard_url}/v1/search", content=body, headers={**AUTH, "content-type": content_type})
+    assert r.status_code == 422, r.text
+    assert reason in r.json()["detail"][0]["msg"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"query": "abc\u0000def"}, "query"),
+        ({"query": "x", "top_k": 10**30}, "top_k"),
+        ({"query": "x", "timeout_ms": -5}, "timeout_ms"),
+        ({"query": "x", "filters": {"persona": {"$gt": 1}}}, "filters"),
+        ({"query": "x", "filters": {"persona": [[1]]}}, "filters"),
+        ({"query": "x", "fusion": {"weights": {"steady": -1}}}, "fusion"),
+        ({"query": "x", "retrievers": []}, "retrievers"),
+        ({"query": "x", "retrievers": ["nope"]}, "retrievers"),
+        ({"query": "x", "unknown": 1}, "unknown"),
+    ],
+    ids=["control-char", "huge-int", "negative-timeout", "filter-operator", "filter-nested", "negative-weight",
+         "empty-retrievers", "unknown-retriever", "unknown-field"],
+)
+def test_odd_values_get_422_naming_the_field(guard_url, http, body, field):
+    r = http.post(f"{guard_url}/v1/search", json=body, headers=AUTH)
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert any(field in map(str, e["loc"]) for e in errors), errors
+
+
+def test_a_body_over_the_limit_gets_413_without_being_read(guard_url, http):
+    big = json.dumps({"query": "x" * 70_000}).encode()
+    r = http.post(f"{guard_url}/v1/search", content=big, headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413 and "65536" in r.json()["detail"]
+
+    # declared huge but never sent: the answer comes from the header alone (httpx would not send this)
+    host, port = guard_url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"POST /guard/v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Authorization: " + AUTH["authorization"].encode() + b"\r\nContent-Length: 10000000\r\n\r\n{")
+        assert s.recv(4096).split(b"\r\n")[0].endswith(b"413 Request Entity Too Large")
+
+    def chunks():  # streamed with no Content-Length: cut off once it passes the limit
+        yield b'{"query": "'
+        for _ in range(100):
+            yield b"y" * 1024
+        yield b'"}'
+
+    r = http.post(f"{guard_url}/v1/search", content=chunks(), headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 413
+
+
+# -- API keys --------------------------------------------------------------------------------
+def test_api_keys_are_required_compared_and_never_logged(guard_url, http):
+    assert search(http, guard_url).status_code == 401
+    wrong = search(http, guard_url, {"authorization": "Bearer not-the-key"})
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert API_KEY not in wrong.text and "not-the-key" not in wrong.text
+    assert search(http, guard_url, {"authorization": API_KEY}).status_code == 401  # no scheme
+    assert search(http, guard_url, AUTH).status_code == 200
+    assert http.get(f"{guard_url}/v1/retrievers").status_code == 401
+    assert http.get(f"{guard_url}/healthz").status_code == 200  # stays open
+    logs_dir = ray._private.worker.global_worker.node.get_logs_dir_path()
+    for path in glob.glob(os.path.join(logs_dir, "**", "*"), recursive=True):
+        if os.path.isfile(path) and os.path.getsize(path) < 50_000_000:
+            with open(path, "rb") as fh:
+                assert API_KEY.encode() not in fh.read(), path
+
+
+# -- replicas killed under load --------------------------------------------------------------
+def test_killing_retriever_and_gateway_replicas_under_load_loses_no_request(guard_url):
+    """Two Python clients (RagClient, on the app's handle) and two HTTP clients, for ~10 s."""
+    client = RagClient.from_handle(serve.get_app_handle("guard"))
+    handle_outcomes: list[str] = []  # "ok" for an answer, else the exception's type
+    codes: list[int] = []
+    steady: list[tuple[float, str]] = []  # (when it answered, steady's status)
+    stop = threading.Event()
+    started = time.perf_counter()
+
+    def http_loop() -> None:
+        with httpx.Client(timeout=30, headers=AUTH) as c:
+            while not stop.is_set():
+                r = search(c, guard_url, retrievers=["steady", "steady2"])
+                codes.append(r.status_code)
+                if r.status_code == 200:
+                    steady.append((time.perf_counter() - started, r.json()["retrievers"]["steady"]["status"]))
+
+    def handle_loop() -> None:
+        while not stop.is_set():
+            try:
+                r = client.search("vitamin d cancer risk", retrievers=["steady", "steady2"])
+                handle_outcomes.append("ok" if r.results else "empty")
+            except Exception as exc:
+                handle_outcomes.append(type(exc).__name__)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(loop) for loop in (http_loop, http_loop, handle_loop, handle_loop)]
+        time.sleep(2)
+        killed_at = time.perf_counter() - started
+        victims = replica_actors("guard", "steady")
+        assert victims
+        for actor in victims:
+            ray.kill(actor, no_restart=True)
+        time.sleep(3)
+        gateways = replica_actors("guard", "gateway")
+        assert len(gateways) == 2
+        ray.kill(gateways[0], no_restart=True)
+
+        def back() -> float | None:
+            down = next((t for t, s in steady if t > killed_at and s != "ok"), None)
+            return next((t - killed_at for t, s in steady if down is not None and t > down and s == "ok"), None)
+
+        wait_until(lambda: back() is not None, 30)
+        recovered = back()
+        time.sleep(2)
+        stop.set()
+        for f in futures:
+            f.result()
+    counts, handled = Counter(codes), Counter(handle_outcomes)
+    print(f"\nkill steady replicas + 1 of 2 gateway replicas: "
+          f"RagClient {len(handle_outcomes)} searches {dict(handled)}; HTTP {len(codes)} requests {dict(counts)}; "
+          f"steady ok again {recovered:.1f} s after its kill")
+    assert handled["ok"] == len(handle_outcomes) > 0  # the client retries a search its gateway replica died under
+    # Serve's HTTP proxy does not retry: a request in flight on the killed gateway replica (at most
+    # one per HTTP client) gets a 500. Everything else is answered.
+    assert counts[200] >= len(codes) - 2 and set(counts) <= {200, 500}
+    wait_until(lambda: len(replica_actors("guard", "gateway")) == 2, 30)
