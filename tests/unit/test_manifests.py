@@ -1,0 +1,338 @@
+"""The KubeRay manifests in cluster_configs/, checked without Kubernetes and without starting Ray.
+
+- Every `ray.io/v1` manifest validates against the v1 schema of KubeRay's CRD (from ../shared/kuberay/crds),
+  strictly: like `kubectl apply`'s default field validation, an unknown field is an error, not dropped.
+- serveConfigV2 is serve.yaml; the RayCluster is the RayService's rayClusterConfig.
+- The ragfan config that serveConfigV2 names loads, matches the embedded default but for placement and
+  scaling, and its replicas fit the worker groups: custom resources offered, pods big enough, enough pods.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from serve_app.config import AppConfig, check_files, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER = ROOT / "cluster_configs"
+CRDS = ROOT.parent / "shared" / "kuberay" / "crds"
+CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+VOLUME_PATH = "/data/ragfan"
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
+
+
+def ray_manifests() -> list[tuple[str, int, dict[str, Any]]]:
+    return [
+        (path.name, i, doc)
+        for path in sorted(CLUSTER.glob("*.yaml"))
+        for i, doc in enumerate(documents(path))
+        if doc.get("apiVersion") == "ray.io/v1"
+    ]
+
+
+def manifest(name: str, kind: str) -> dict[str, Any]:
+    (doc,) = [d for d in documents(CLUSTER / name) if d.get("kind") == kind]
+    return doc
+
+
+@pytest.fixture(scope="module")
+def rayservice() -> dict[str, Any]:
+    return manifest("rayservice.yaml", "RayService")
+
+
+@pytest.fixture(scope="module")
+def cluster_spec(rayservice) -> dict[str, Any]:
+    return rayservice["spec"]["rayClusterConfig"]
+
+
+@pytest.fixture(scope="module")
+def serve_config(rayservice) -> dict[str, Any]:
+    return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
+
+
+@pytest.fixture(scope="module")
+def ragfan_config(serve_config) -> AppConfig:
+    (app,) = serve_config["applications"]
+    # Relative to the workers' working directory: the repository root here, /home/ray/ragfan in the image.
+    return load_config(ROOT / app["args"]["config"])
+
+
+# -- the CRD schemas -------------------------------------------------------------------------------
+def strict(schema: Any) -> Any:
+    """Forbid unknown fields wherever the schema lists an object's fields, as the API server's
+    strict field validation (kubectl's default) does; `metadata` and free-form maps stay open."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+@functools.cache
+def _validator(kind: str) -> jsonschema.Draft4Validator:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 1 MB each: the C loader when there is one
+    crd = yaml.load((CRDS / CRD_FILES[kind]).read_text(encoding="utf-8"), Loader=loader)
+    assert crd["spec"]["names"]["kind"] == kind
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = strict(v1["schema"]["openAPIV3Schema"])
+    jsonschema.Draft4Validator.check_schema(schema)
+    return jsonschema.Draft4Validator(schema)
+
+
+@pytest.fixture(scope="module")
+def validator():
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay CRD schemas not found at {CRDS} (the shared folder beside the checkout)")
+    return _validator
+
+
+def schema_errors(validator, doc: dict[str, Any]) -> list[str]:
+    errors = validator(doc["kind"]).iter_errors(doc)
+    return sorted(f"{'.'.join(str(p) for p in e.absolute_path) or '(top)'}: {e.message}" for e in errors)
+
+
+def test_the_manifests_are_there():
+    kinds = {(name, doc["kind"]) for name, _, doc in ray_manifests()}
+    assert {("rayservice.yaml", "RayService"), ("raycluster.yaml", "RayCluster")} <= kinds
+
+
+@pytest.mark.parametrize(
+    ("name", "index", "doc"), [pytest.param(*m, id=f"{m[0]}#{m[1]}:{m[2]['kind']}") for m in ray_manifests()]
+)
+def test_every_ray_manifest_validates_against_its_crd(validator, name, index, doc):
+    assert doc["kind"] in CRD_FILES, f"{name}: no CRD schema here for kind {doc['kind']}"
+    assert schema_errors(validator, doc) == [], f"{name} document {index}"
+
+
+def _parent(doc: dict[str, Any], path: str) -> tuple[Any, str]:
+    *parents, last = path.split(".")
+    node: Any = doc
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    return node, last
+
+
+def _set(doc: dict[str, Any], path: str, value: Any) -> None:
+    node, key = _parent(doc, path)
+    if value is _DELETE:
+        del node[key]
+    else:
+        node[key] = value
+
+
+def _rename(doc: dict[str, Any], path: str, new: str) -> None:
+    node, key = _parent(doc, path)
+    node[new] = node.pop(key)
+
+
+_DELETE = object()
+WORKERS = "spec.rayClusterConfig.workerGroupSpecs"
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda d: _rename(d, f"{WORKERS}.0.groupName", "groupname"), "'groupName' is a required property"),
+        (lambda d: _rename(d, "spec.rayClusterConfig.enableInTreeAutoscaling", "enableInTreeAutoscalling"),
+         "'enableInTreeAutoscalling' was unexpected"),
+        (lambda d: _set(d, f"{WORKERS}.0.maxReplicas", "three"), f"{WORKERS}.0.maxReplicas: 'three' is not of type"),
+        (lambda d: _set(d, "spec.rayClusterConfig.headGroupSpec.rayStartParams.num-cpus", 0),
+         "rayStartParams.num-cpus: 0 is not of type 'string'"),
+        (lambda d: _set(d, "spec.rayClusterConfig.autoscalerOptions.upscalingMode", "Fast"), "'Fast' is not one of"),
+        (lambda d: _set(d, "spec.rayClusterConfig.headGroupSpec", _DELETE), "'headGroupSpec' is a required property"),
+        (lambda d: _set(d, "spec.serveConfigV2", {"applications": []}), "serveConfigV2: {'applications': []} is not"),
+        (lambda d: _set(d, f"{WORKERS}.0.template.spec.containers.0.resources.limits.memory", "6 gigs"),
+         "does not match"),
+    ],
+    ids=["misspelled-required", "misspelled-optional", "wrong-type", "number-for-string", "enum", "missing-required",
+         "serveConfigV2-not-a-string", "bad-quantity"],
+)
+def test_the_validation_rejects_a_broken_manifest(validator, rayservice, change, expected):
+    broken = copy.deepcopy(rayservice)
+    change(broken)
+    errors = schema_errors(validator, broken)
+    assert any(expected in e for e in errors), errors
+
+
+def test_the_validation_rejects_a_broken_raycluster(validator):
+    broken = copy.deepcopy(manifest("raycluster.yaml", "RayCluster"))
+    broken["spec"]["workerGroupSpecs"][1]["minReplicas"] = -1.5
+    assert any("minReplicas: -1.5 is not of type 'integer'" in e for e in schema_errors(validator, broken))
+
+
+# -- one application config ------------------------------------------------------------------------
+def test_serve_config_v2_is_serve_yaml(serve_config):
+    assert serve_config == yaml.safe_load((CLUSTER / "serve.yaml").read_text(encoding="utf-8"))
+
+
+def test_serve_config_v2_is_a_serve_deploy_config(serve_config):
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema  # a pydantic model: starts no Ray
+
+    ServeDeploySchema.model_validate(serve_config)
+    # Serve's schema ignores unknown keys; a misspelled one would silently do nothing
+    assert set(serve_config) <= set(ServeDeploySchema.model_fields)
+    (app,) = serve_config["applications"]
+    assert set(app) <= set(ServeApplicationSchema.model_fields)
+    assert (app["name"], app["route_prefix"], app["import_path"]) == ("ragfan", "/", "serve_app.app:build_app")
+    # resources and scaling come from the ragfan config alone, not from Serve-level overrides
+    assert "deployments" not in app
+
+
+def test_the_raycluster_is_the_rayservice_cluster(cluster_spec):
+    assert manifest("raycluster.yaml", "RayCluster")["spec"] == cluster_spec
+
+
+# -- the ragfan config it names ---------------------------------------------------------------------
+def _comparable(config: AppConfig) -> dict[str, Any]:
+    """What must not differ from the embedded default: all but placement and scaling."""
+    dump = config.model_dump()
+    for r in dump["retrievers"]:
+        r["ray_actor_options"].pop("resources")
+        for key in ("num_replicas", "autoscaling_config"):
+            r.pop(key)
+    return dump
+
+
+def test_the_cluster_config_is_the_default_but_for_placement_and_scaling(ragfan_config):
+    check_files(ragfan_config)
+    assert _comparable(ragfan_config) == _comparable(load_config())
+
+
+def _offered(group: dict[str, Any]) -> dict[str, float]:
+    """Custom resources a group advertises: rayStartParams `resources` is a quoted JSON string for the shell."""
+    raw = group.get("rayStartParams", {}).get("resources")
+    return json.loads(json.loads(raw)) if raw else {}
+
+
+def test_dense_retrievers_require_what_only_the_dense_group_offers(ragfan_config, cluster_spec):
+    groups = {g["groupName"]: g for g in cluster_spec["workerGroupSpecs"]}
+    assert _offered(groups["dense"]) == {"dense": 4}
+    assert groups["dense"]["template"]["metadata"]["labels"]["ragfan/retrievers"] == "dense"
+    assert [n for n, g in groups.items() if "dense" in _offered(g)] == ["dense"]
+    for r in ragfan_config.retrievers:
+        assert (r.ray_actor_options.resources or {}) == ({"dense": 1} if r.kind == "dense" else {}), r.name
+    assert ragfan_config.gateway.ray_actor_options.resources is None
+    # the head runs no replica
+    assert cluster_spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+
+
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_FACTOR = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity(value: str | int | float) -> float:
+    match = _QUANTITY.match(str(value))
+    assert match, f"not a Kubernetes quantity: {value!r}"
+    return float(match.group(1)) * _FACTOR[match.group(2)]
+
+
+def test_quantity():
+    assert quantity("500m") == 0.5 and quantity(2) == 2 and quantity("6Gi") == 6 * 2**30
+
+
+def _pod(group: dict[str, Any]) -> tuple[float, float]:
+    """(CPUs, bytes) of a group's Ray container: KubeRay tells Ray the limits."""
+    (container,) = group["template"]["spec"]["containers"]
+    res = container["resources"]
+    assert res["requests"] == res["limits"], f"{group.get('groupName', 'head')}: requests != limits"
+    return quantity(res["limits"]["cpu"]), quantity(res["limits"]["memory"])
+
+
+def _replicas(config: AppConfig) -> list[tuple[str, float, int, dict[str, float], int]]:
+    """(name, num_cpus, memory, custom resources, replicas at the most) per deployment."""
+    out = []
+    for name, scaling in [("gateway", config.gateway), *((r.name, r) for r in config.retrievers)]:
+        opts = scaling.ray_actor_options
+        most = (scaling.autoscaling_config or {}).get("max_replicas", scaling.num_replicas or 1)
+        out.append((name, opts.num_cpus, opts.memory or 0, opts.resources or {}, most))
+    return out
+
+
+def test_every_replica_fits_a_pod_of_a_group_that_offers_what_it_needs(ragfan_config, cluster_spec):
+    groups = cluster_spec["workerGroupSpecs"]
+    for name, cpus, memory, resources, _ in _replicas(ragfan_config):
+        fits = [
+            g["groupName"] for g in groups
+            if all(_offered(g).get(k, 0) >= v for k, v in resources.items())
+            and _pod(g)[0] >= cpus and _pod(g)[1] >= memory
+        ]
+        assert fits, f"{name} ({cpus} CPU, {memory} B, {resources}) fits no worker group"
+
+
+def test_the_groups_hold_every_replica_at_full_scale(ragfan_config, cluster_spec):
+    groups = {g["groupName"]: g for g in cluster_spec["workerGroupSpecs"]}
+    replicas = _replicas(ragfan_config)
+    dense = [(cpus, memory, most) for _, cpus, memory, res, most in replicas if "dense" in res]
+    units = _offered(groups["dense"])["dense"]
+    # enough dense units at maxReplicas, and a pod full of dense replicas fits the pod
+    assert sum(most for *_, most in dense) <= groups["dense"]["maxReplicas"] * units
+    cpu, mem = _pod(groups["dense"])
+    assert units * max(c for c, _, _ in dense) <= cpu and units * max(m for _, m, _ in dense) <= mem
+    # and everything at its most fits into all groups at their most
+    assert sum(c * n for _, c, _, _, n in replicas) <= sum(g["maxReplicas"] * _pod(g)[0] for g in groups.values())
+    assert sum(m * n for _, _, m, _, n in replicas) <= sum(g["maxReplicas"] * _pod(g)[1] for g in groups.values())
+
+
+def test_in_tree_autoscaling_with_bounds_per_group(cluster_spec):
+    assert cluster_spec["enableInTreeAutoscaling"] is True
+    assert cluster_spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    for g in cluster_spec["workerGroupSpecs"]:
+        assert 1 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+
+
+# -- storage, image, versions -----------------------------------------------------------------------
+def _containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return pod_spec.get("initContainers", []) + pod_spec["containers"]
+
+
+def test_workers_read_indexes_from_the_shared_volume(cluster_spec):
+    (pvc,) = documents(CLUSTER / "storage.yaml")
+    assert pvc["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in pvc["spec"]["accessModes"]
+    (job,) = documents(CLUSTER / "ingest-job.yaml")
+    pod_specs = [g["template"]["spec"] for g in cluster_spec["workerGroupSpecs"]] + [job["spec"]["template"]["spec"]]
+    for spec in pod_specs:
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
+                  if "persistentVolumeClaim" in v}
+        for c in _containers(spec):
+            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+            assert claims[mounts[VOLUME_PATH]] == pvc["metadata"]["name"], c["name"]
+        env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
+        assert env["RAGFAN_CACHE_DIR"] == VOLUME_PATH
+
+
+def test_one_image_one_ray_version_one_torch(cluster_spec):
+    dockerfile = (CLUSTER / "Dockerfile").read_text(encoding="utf-8")
+    ray_version = cluster_spec["rayVersion"]
+    assert ray_version == version("ray"), "the manifests' Ray must be the Ray ragfan is tested with"
+    assert re.search(rf"^FROM rayproject/ray:{re.escape(ray_version)}-py\d+-cpu$", dockerfile, re.M)
+    workdir = re.search(r"^WORKDIR (\S+)$", dockerfile, re.M).group(1)
+    pods = [cluster_spec["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in cluster_spec["workerGroupSpecs"]]
+    containers = [c for spec in pods for c in spec["containers"]]
+    assert {c["image"] for c in containers} == {"ragfan:0.1.0"}
+    assert {c["workingDir"] for c in containers} == {workdir}
+    # the torch pin is the Makefile's, so the image runs what the tests ran
+    pin = re.search(r'"torch==([\d.]+)"', (ROOT / "Makefile").read_text(encoding="utf-8")).group(1)
+    assert f'"torch=={pin}" --index-url https://download.pytorch.org/whl/cpu' in dockerfile
+    assert re.search(r"^ENV HF_HUB_OFFLINE=1$", dockerfile, re.M)
