@@ -175,6 +175,7 @@ class DenseRetriever:
             "num_docs": len(self.documents),
             "model": self.embedder.name,
             "dim": self.embedder.dim,
+            "device": getattr(self.embedder, "device", "cpu"),
             "index_type": self.index_type,
             "metadata_keys": sorted({key for key, _ in self._by_value}),
         }

@@ -39,18 +39,35 @@ def resolve_model(model: str) -> tuple[str, str]:
     return model, model
 
 
+def assigned_device() -> str:
+    """'cuda' when Ray assigned this worker a GPU (`num_gpus` in its options), else 'cpu'.
+
+    Decided from Ray's assignment, not from whether the machine has a GPU: a replica that asked
+    for none must not take one that Ray gave to another.
+    """
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_gpu_ids():
+            return "cuda"
+    except Exception:  # no Ray, or not inside a worker: a plain process runs on the CPU
+        pass
+    return "cpu"
+
+
 class SentenceTransformerEmbedder:
-    """A sentence-transformers model on the CPU (or a GPU when the replica was given one)."""
+    """A sentence-transformers model on the GPU Ray assigned to this replica, or on the CPU."""
 
     def __init__(self, model: str = DEFAULT_MODEL, *, device: str | None = None) -> None:
         self.name, location = resolve_model(model)
+        self.device = device or assigned_device()
         if os.path.isdir(location):
             # A local directory needs no hub at all; make sure nothing tries to reach one.
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(location, device=device)
+            self._model = SentenceTransformer(location, device=self.device)
         except Exception as exc:
             raise RetrieverFailed(
                 f"could not load embedding model {model!r}: {exc}. Use `model: default` for the "

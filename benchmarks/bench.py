@@ -224,7 +224,7 @@ def run_bench(*, profile: str | None, dataset: str | None, concurrencies: Sequen
     import ray
     from ray import serve
 
-    from serve_app.app import use_serve_env
+    from serve_app.app import serve_env
 
     if (profile is None) == (dataset is None):
         raise ValueError("give exactly one of --profile seed and --dataset DIR")
@@ -249,8 +249,8 @@ def run_bench(*, profile: str | None, dataset: str | None, concurrencies: Sequen
     with tqdm(total=total, desc="bench", unit="run") as bar:
         runs = _in_process_runs(retrievers, queries, concurrencies, duration_s, bar)
         del retrievers
-        use_serve_env()
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        with serve_env():
+            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         try:
             config = _app_config(profile or "dataset", artifacts, batch=32)

@@ -71,7 +71,7 @@ def replica_scaling(dataset: str, replicas: list[int], concurrency: int = 32, du
 
     from actors.index import default_cache_dir
     from benchmarks.bench import _app_config, measure
-    from serve_app.app import app_from_config, use_serve_env
+    from serve_app.app import app_from_config, serve_env
     from serve_app.client import RagClient
     from serve_app.config import parse_config
     from serve_app.evaluate import load_beir
@@ -82,8 +82,9 @@ def replica_scaling(dataset: str, replicas: list[int], concurrency: int = 32, du
     # Enough logical CPUs for the largest replica count (3 retrievers x 0.5 CPU each, plus the
     # gateway): on a small machine the replicas then share the real cores, which is the point.
     needed = 0.25 + 3 * 0.5 * max(replicas)
-    use_serve_env()
-    ray.init(num_cpus=max(4, os.cpu_count() or 1, int(needed) + 1), include_dashboard=False, log_to_driver=False)
+    with serve_env():
+        ray.init(num_cpus=max(4, os.cpu_count() or 1, int(needed) + 1), include_dashboard=False,
+                 log_to_driver=False)
     serve.start(proxy_location="Disabled")
     rows = []
     try:

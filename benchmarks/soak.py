@@ -200,13 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from serve_app.app import app_from_config, prepare_indexes, use_serve_env
+    from serve_app.app import app_from_config, prepare_indexes, serve_env
     from serve_app.config import load_config
 
     config = load_config()
     prepare_indexes(config, progress=False)
-    use_serve_env()
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    with serve_env():
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/v1/search"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import BaseModel
@@ -34,10 +36,25 @@ logger = logging.getLogger("ray.serve")
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
 
 
-def use_serve_env() -> None:
-    """Put SERVE_ENV into this process's environment (values already set win) before `ray.init`."""
+@contextmanager
+def serve_env() -> Iterator[None]:
+    """SERVE_ENV in the environment while `ray.init` starts a local cluster, and only then.
+
+    Ray's processes inherit it when they start. This process must not keep it: in a driver, the
+    same setting makes Serve refuse synchronous handle calls, and its child processes (a script
+    using RagClient, say) would inherit that too. Values already set in the environment win.
+    """
+    saved = {key: os.environ.get(key) for key in SERVE_ENV}
     for key, value in SERVE_ENV.items():
         os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class BuildArgs(BaseModel):

@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # -- serve ---------------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
-    from serve_app.app import app_from_config, prepare_indexes, use_serve_env
+    from serve_app.app import app_from_config, prepare_indexes, serve_env
     from serve_app.config import file_problems, load_config
     from serve_app.guard import API_KEYS_ENV, load_api_keys
 
@@ -106,13 +106,22 @@ def serve(args: argparse.Namespace) -> int:
     from ray import serve as ray_serve
 
     own_cluster = args.address is None
-    use_serve_env()
     if own_cluster:
+        # Enough logical CPUs for every replica at its maximum, and the custom resources the config
+        # asks for (a cluster config's `dense: 1`, say): on one machine, this node offers them all.
+        most = {
+            r.name: (r.autoscaling_config or {}).get("max_replicas", r.num_replicas or 1) for r in config.retrievers
+        }
         needed = config.gateway.ray_actor_options.num_cpus + sum(
-            r.ray_actor_options.num_cpus * (r.autoscaling_config or {}).get("max_replicas", r.num_replicas or 1)
-            for r in config.retrievers
+            r.ray_actor_options.num_cpus * most[r.name] for r in config.retrievers
         )
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False)
+        custom: dict[str, float] = {}
+        for r in config.retrievers:
+            for key, amount in (r.ray_actor_options.resources or {}).items():
+                custom[key] = custom.get(key, 0.0) + amount * most[r.name]
+        with serve_env():
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), resources=custom or None,
+                     include_dashboard=False)
     else:
         ray.init(address=args.address)
 

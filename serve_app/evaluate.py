@@ -130,10 +130,10 @@ def evaluate(
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            from serve_app.app import use_serve_env
+            from serve_app.app import serve_env
 
-            use_serve_env()
-            ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+            with serve_env():
+                ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     try:
         artifacts = default_cache_dir() / "datasets" / dataset.resolve().name
         for report in ingest(dataset / "corpus.jsonl", artifacts, kinds=("dense", "keyword")):

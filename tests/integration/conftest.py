@@ -21,7 +21,7 @@ import ray
 import yaml
 from ray import serve
 
-from serve_app.app import app_from_config, prepare_indexes, use_serve_env
+from serve_app.app import app_from_config, prepare_indexes, serve_env
 from serve_app.config import DEFAULT_CONFIG, load_config, parse_config
 
 pytestmark = pytest.mark.integration
@@ -49,8 +49,8 @@ def _free_port() -> int:
 def cluster(tmp_path_factory):
     port = _free_port()
     # `dense`: what KubeRay's dense worker pods advertise, so the manifest's dense retrievers can be placed
-    use_serve_env()
-    ray.init(num_cpus=6, resources={"dense": DENSE_UNITS}, include_dashboard=False, log_to_driver=False)
+    with serve_env():
+        ray.init(num_cpus=6, resources={"dense": DENSE_UNITS}, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -201,3 +201,28 @@ def tight_url(cluster) -> str:
     )
     serve.run(app_from_config(config, api_keys=[]), name="tight", route_prefix="/tight")
     return cluster + "/tight"
+
+
+@pytest.fixture(scope="session")
+def elastic_url(cluster) -> str:
+    """One retriever that serves one request at a time per replica, autoscaled 1..3 on short delays."""
+    config = parse_config(
+        {
+            "app_name": "elastic",
+            "gateway": {"ray_actor_options": {"num_cpus": 0.1}},
+            "retrievers": [
+                synthetic(
+                    "busy", delay_ms=300, timeout_ms=10_000, max_ongoing_requests=4,
+                    batch={"max_batch_size": 1},
+                    autoscaling_config={
+                        "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+                        "upscale_delay_s": 1, "downscale_delay_s": 3,
+                        "metrics_interval_s": 0.5, "look_back_period_s": 2,
+                    },
+                ),
+            ],
+        },
+        base_dir=Path("."),
+    )
+    serve.run(app_from_config(config, api_keys=[]), name="elastic", route_prefix="/elastic")
+    return cluster + "/elastic"

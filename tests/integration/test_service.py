@@ -69,6 +69,9 @@ def test_retrievers_endpoint_reports_health_and_config(base_url, http):
     assert infos["corpus"]["detail"]["num_docs"] == 500
     assert infos["graph"]["detail"]["num_facts"] > 100
     assert infos["corpus"]["config"]["num_cpus"] == 0.3
+    # no replica asked for a GPU, so every model is on the CPU (num_gpus > 0 would put it on CUDA)
+    assert {infos[n]["detail"]["device"] for n in ("corpus", "persona", "domain")} == {"cpu"}
+    assert all(i["circuit"]["state"] == "closed" for i in infos.values())
 
 
 def test_health_openapi_and_docs(base_url, http):
@@ -102,7 +105,7 @@ def test_bad_input_gets_a_422_naming_the_field(base_url, http, body, field, mess
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b'{"query": "x",', "JSON decode error"), (b"", "Field required"), (b"[1, 2]", "valid dictionary")],
+    [(b'{"query": "x",', "body is not valid JSON"), (b"", "Field required"), (b"[1, 2]", "valid dictionary")],
 )
 def test_malformed_or_missing_body_gets_a_422(base_url, http, content, message):
     r = http.post(f"{base_url}/v1/search", content=content, headers={"content-type": "application/json"})
