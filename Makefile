@@ -17,14 +17,17 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/ragfan serve --port $(PORT)
 
+# The multinode tests start a Ray cluster of their own (ray.cluster_utils.Cluster): a second process.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --ignore=tests/multinode
+	$(BIN)/python -m pytest tests/multinode
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
 integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration
+	$(BIN)/python -m pytest tests/multinode
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

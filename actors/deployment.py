@@ -81,7 +81,15 @@ class RetrieverDeployment:
         return await asyncio.to_thread(self.retriever.search, queries)
 
     def describe(self) -> dict[str, Any]:
-        base = {"name": self.spec.name, "kind": self.spec.kind, "threads": self.threads}
+        import ray
+
+        base = {
+            "name": self.spec.name,
+            "kind": self.spec.kind,
+            "threads": self.threads,
+            "node_id": ray.get_runtime_context().get_node_id(),  # where the scheduler placed this replica
+            **({"shard": list(self.spec.shard)} if self.spec.shard else {}),
+        }
         if self.retriever is None:
             return {**base, "error": self.start_error}
         return {**base, **self.retriever.describe()}

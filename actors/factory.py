@@ -16,6 +16,7 @@ from actors.errors import DataError, RetrieverFailed
 from actors.graph import GraphRetriever
 from actors.index import build_key, default_cache_dir, load_or_build, sha256_file, verify
 from actors.keyword import KeywordRetriever
+from actors.shards import shard_dir, shard_of
 from actors.synthetic import SyntheticRetriever
 
 logger = logging.getLogger("ragfan")
@@ -34,12 +35,17 @@ class RetrieverSpec:
     model: str = DEFAULT_MODEL
     params: Mapping[str, Any] = field(default_factory=dict)
     cache_dir: str | None = None
+    shard: tuple[int, int] | None = None  # (i, N): this replica holds shard i of N (dense only)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown retriever kind {self.kind!r}; valid kinds: {', '.join(KINDS)}")
         if (self.data is None) == (self.artifacts is None):
             raise ValueError(f"{self.name}: give exactly one of `data` and `artifacts`")
+        if self.shard is not None:
+            i, n = self.shard
+            if self.kind != "dense" or not 0 <= i < n:
+                raise ValueError(f"{self.name}: shard {i} of {n} is not valid for kind {self.kind!r}")
 
 
 def dense_index_dir(spec: RetrieverSpec, source_sha256: str | None = None) -> Path:
@@ -51,6 +57,7 @@ def dense_index_dir(spec: RetrieverSpec, source_sha256: str | None = None) -> Pa
         source_sha256=source_sha256 or sha256_file(Path(spec.data)),
         text_field=spec.params.get("text_field", "text"),
         index_type=spec.params.get("index_type", "flat"),
+        shard=list(spec.shard) if spec.shard else None,
     )
     return cache / spec.name / key
 
@@ -58,10 +65,13 @@ def dense_index_dir(spec: RetrieverSpec, source_sha256: str | None = None) -> Pa
 def open_artifacts(spec: RetrieverSpec) -> Retriever:
     """Load a retriever from the artifacts `ragfan ingest` wrote, after checking them."""
     directory = Path(spec.artifacts)
+    if spec.shard is not None:
+        directory = shard_dir(directory, *spec.shard)
     if not (directory / "manifest.json").is_file():
         raise DataError(
             f"{directory / 'manifest.json'}: not found; build the index with "
-            f"`ragfan ingest SOURCE --out {directory.parent} --kinds {spec.kind}`"
+            f"`ragfan ingest SOURCE --out {Path(spec.artifacts).parent} --kinds {spec.kind}"
+            f"{f' --shards {spec.shard[1]}' if spec.shard else ''}`"
         )
     manifest = verify(directory)
     if manifest.get("kind") != spec.kind:
@@ -100,6 +110,8 @@ def open_retriever(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
 
         def build(directory: Path) -> dict[str, Any]:
             docs = read_documents(spec.data, text_field=p.get("text_field", "text"))
+            if spec.shard is not None:
+                docs = [d for d in docs if shard_of(d.doc_id, spec.shard[1]) == spec.shard[0]]
             retriever = DenseRetriever.from_documents(
                 name=spec.name,
                 documents=docs,
@@ -107,7 +119,8 @@ def open_retriever(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
                 index_type=p.get("index_type", "flat"),
                 progress=progress,
             )
-            return {**retriever.save(directory), "source": str(spec.data), "source_sha256": source_sha256}
+            shard = {"shard": list(spec.shard)} if spec.shard else {}
+            return {**retriever.save(directory), "source": str(spec.data), "source_sha256": source_sha256, **shard}
 
         def load(directory: Path, manifest: dict[str, Any]) -> DenseRetriever:
             return DenseRetriever.load(directory, manifest, name=spec.name, embedder=embedder)

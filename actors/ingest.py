@@ -28,6 +28,7 @@ from actors.embedder import DEFAULT_MODEL, resolve_model
 from actors.errors import DataError
 from actors.index import FORMAT_VERSION, MANIFEST, load_or_build, verify
 from actors.keyword import KeywordRetriever
+from actors.shards import shard_dir, shard_of
 from actors.sources import chunk, read_source, source_sha256
 from actors.types import Document
 
@@ -140,22 +141,37 @@ def ingest(
     triples: Path | None = None,
     aliases: Path | None = None,
     progress: bool = True,
+    shards: int = 1,
 ) -> list[KindReport]:
-    """Build (or reuse) one artifact directory per kind under `out`. Needs `ray.init()` for dense."""
+    """Build (or reuse) one artifact directory per kind under `out`. Needs `ray.init()` for dense.
+
+    With `shards` > 1 the dense index is split by document into `out/dense/shard-i-of-N/`, one
+    complete artifact directory per shard (see actors/shards.py).
+    """
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ValueError(f"unknown kind(s) {', '.join(unknown)}; valid: {', '.join(KINDS)}")
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
     reports = []
     docs: list[Document] | None = None
     doc_kinds = [k for k in kinds if k != "graph"]
     if doc_kinds:
         checksum = source_sha256(source)
         chunking = {"max_words": max_words, "overlap": overlap, "text_field": text_field}
-    for kind in doc_kinds:
+    jobs = [
+        (kind, shard)
+        for kind in doc_kinds
+        for shard in ([(i, shards) for i in range(shards)] if kind == "dense" and shards > 1 else [None])
+    ]
+    for kind, shard in jobs:
         wanted: dict[str, Any] = {"format_version": FORMAT_VERSION, "kind": kind, "source_sha256": checksum, **chunking}
         if kind == "dense":
             wanted.update(model=resolve_model(model)[0], index_type=index_type)
         target = out / kind
+        if shard is not None:
+            wanted["shard"] = list(shard)
+            target = shard_dir(target, *shard)
         started = time.perf_counter()
         if _settings_match(target, wanted):
             manifest = verify(target)
@@ -166,7 +182,11 @@ def ingest(
             if not docs:
                 raise DataError(f"{source}: no documents to ingest")
         extra = {"source": str(source), **wanted}
-        _replace(target, partial(_build, kind, docs, extra, model=model, index_type=index_type, progress=progress))
+        part = docs if shard is None else [d for d in docs if shard_of(d.doc_id, shard[1]) == shard[0]]
+        if not part:
+            raise DataError(f"{source}: shard {shard[0]} of {shard[1]} would hold no documents; use fewer shards")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _replace(target, partial(_build, kind, part, extra, model=model, index_type=index_type, progress=progress))
         manifest = verify(target)
         reports.append(KindReport(
             kind, target, False, manifest["num_docs"], time.perf_counter() - started, manifest.get("embed_docs_per_s")

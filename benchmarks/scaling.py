@@ -3,6 +3,7 @@ follows the number of replicas.
 
     python -m benchmarks.scaling index [--sizes 10000,100000,1000000] [--kinds flat,hnsw] [--output FILE.json]
     python -m benchmarks.scaling replicas --dataset DIR [--replicas 1,2,4] [--output FILE.json]
+    python -m benchmarks.scaling shards [--vectors 1000000] [--counts 1,2,4,8] [--output FILE.json]
     python -m benchmarks.scaling plot INDEX.json REPLICAS.json --png docs/scaling.png
 
 Index scaling uses synthetic 384-d unit vectors (the all-MiniLM-L6-v2 dimension) and the same
@@ -60,6 +61,57 @@ def index_scaling(sizes: list[int], kinds: tuple[str, ...] = ("flat", "hnsw"), q
             })
             print(rows[-1], flush=True)
             del index
+    return rows
+
+
+def shard_scaling(n: int, counts: list[int], queries: int = 100, k: int = 10) -> list[dict]:
+    """A flat index of n synthetic vectors split by document into N shards, as ragfan shards it.
+
+    Per shard: documents, index memory and query latency (one thread). And the check that the
+    merged top-k of the shards equals the unsharded top-k, for every probe query.
+    """
+    from actors.dense import make_index
+    from actors.shards import merge, shard_of
+    from actors.types import Hit
+
+    faiss.omp_set_num_threads(1)
+    vectors = unit_vectors(n, seed=0)
+    probe = unit_vectors(queries, seed=1)
+    ids = [f"doc{i}" for i in range(n)]
+    whole = make_index(vectors, "flat")
+    expected_scores, expected_rows = whole.search(probe, k)
+    del whole
+    rows = []
+    for count in counts:
+        owner = np.array([shard_of(doc_id, count) for doc_id in ids])
+        answers: list[list[list[Hit]]] = [[] for _ in range(queries)]
+        per_shard = []
+        for s in range(count):
+            members = np.flatnonzero(owner == s)
+            index = make_index(vectors[members], "flat")
+            latencies = []
+            for q in probe:
+                t = time.perf_counter()
+                index.search(q[None, :], k)
+                latencies.append((time.perf_counter() - t) * 1000)
+            scores, rows_ = index.search(probe, k)
+            for qi in range(queries):
+                found = zip(scores[qi], rows_[qi], strict=True)
+                answers[qi].append([Hit(ids[members[r]], float(sc), "") for sc, r in found])
+            per_shard.append((len(members), faiss.serialize_index(index).nbytes / 2**20, percentile(latencies, 50)))
+            del index
+        exact = all(
+            [h.doc_id for h in merge(answers[qi], k)] == [ids[r] for r in expected_rows[qi]]
+            for qi in range(queries)
+        )
+        rows.append({
+            "vectors": n, "shards": count,
+            "docs_per_shard_max": max(p[0] for p in per_shard),
+            "memory_mb_per_shard_max": round(max(p[1] for p in per_shard), 1),
+            "p50_ms_per_shard_max": round(max(p[2] for p in per_shard), 3),
+            "merged_equals_unsharded": exact,
+        })
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -146,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--dataset", required=True)
     rep.add_argument("--replicas", default="1,2,4")
     rep.add_argument("--output")
+    sh = sub.add_parser("shards")
+    sh.add_argument("--vectors", type=int, default=1_000_000)
+    sh.add_argument("--counts", default="1,2,4,8")
+    sh.add_argument("--output")
     plt_p = sub.add_parser("plot")
     plt_p.add_argument("index_json")
     plt_p.add_argument("replicas_json")
@@ -157,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.what == "index":
         rows = index_scaling([int(s) for s in args.sizes.split(",")], tuple(args.kinds.split(",")))
+    elif args.what == "shards":
+        rows = shard_scaling(args.vectors, [int(c) for c in args.counts.split(",")])
     else:
         rows = replica_scaling(args.dataset, [int(r) for r in args.replicas.split(",")])
     if args.output:

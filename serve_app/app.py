@@ -71,21 +71,22 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
 def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> Application:
     """The app for `config`. API keys: `api_keys`, else RAGFAN_API_KEYS and gateway.api_keys_file."""
-    handles = {}
+    handles: dict[str, list[Any]] = {}
     if config.enabled:  # disabled: only the gateway runs, and no model is loaded anywhere
         for r in config.retrievers:
-            deployment = RetrieverDeployment.options(
-                name=r.name,
-                ray_actor_options=r.ray_actor_options.to_ray(),
-                **r.serve_options(),
-            )
-            handles[r.name] = deployment.bind(
-                r.spec(config.cache_dir),
-                num_cpus=r.ray_actor_options.num_cpus,
-                max_batch_size=r.batch.max_batch_size,
-                batch_wait_timeout_s=r.batch.batch_wait_timeout_s,
-                max_concurrent_batches=r.batch.max_concurrent_batches,
-            )
+            # One deployment per retriever, or one per shard (`corpus-shard0`, ...) of a sharded one.
+            handles[r.name] = [
+                RetrieverDeployment.options(
+                    name=name, ray_actor_options=r.ray_actor_options.to_ray(), **r.serve_options()
+                ).bind(
+                    spec,
+                    num_cpus=r.ray_actor_options.num_cpus,
+                    max_batch_size=r.batch.max_batch_size,
+                    batch_wait_timeout_s=r.batch.batch_wait_timeout_s,
+                    max_concurrent_batches=r.batch.max_concurrent_batches,
+                )
+                for name, spec in zip(r.deployment_names(), r.specs(config.cache_dir), strict=True)
+            ]
     gateway = Gateway.options(
         name="gateway",
         ray_actor_options=config.gateway.ray_actor_options.to_ray(),
@@ -107,7 +108,7 @@ def prepare_indexes(config: AppConfig, *, progress: bool = True) -> None:
         return
     broken = file_problems(config)
     for r in config.retrievers:
-        if r.kind == "dense" and r.name not in broken:
-            spec = r.spec(config.cache_dir)
-            if not (dense_index_dir(spec) / "manifest.json").is_file():
-                open_retriever(spec, progress=progress)
+        if r.kind == "dense" and r.data is not None and r.name not in broken:
+            for spec in r.specs(config.cache_dir):
+                if not (dense_index_dir(spec) / "manifest.json").is_file():
+                    open_retriever(spec, progress=progress)

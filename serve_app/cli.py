@@ -55,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ingest_p.add_argument("--triples", help="triples file (TSV or JSONL) for the graph kind")
     ingest_p.add_argument("--aliases", help="aliases JSON for the graph kind")
     ingest_p.add_argument("--address", help="Ray cluster to embed on (default: start a local one)")
+    ingest_p.add_argument("--shards", type=int, default=1,
+                          help="split the dense index by document into N parts, OUT/dense/shard-i-of-N (default 1)")
 
     eval_p = sub.add_parser("eval", help="nDCG@10 / R@100 / MRR@10 on a BEIR dataset through the served fan-out")
     eval_p.add_argument("dataset", help="BEIR dataset directory: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
@@ -223,6 +225,7 @@ def ingest_command(args: argparse.Namespace) -> int:
             overlap=args.chunk_overlap,
             triples=triples,
             aliases=Path(args.aliases) if args.aliases else None,
+            shards=args.shards,
         )
     except ValueError as exc:
         raise RagError(str(exc)) from None

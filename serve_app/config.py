@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from actors.factory import RetrieverSpec
+from actors.shards import shard_dir
 from serve_app.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).parent / "demo" / "config.yaml"
@@ -137,6 +138,9 @@ class RetrieverConfig(ScalingConfig):
         64, ge=1, description="calls each gateway replica may have outstanding to this retriever; more are skipped"
     )
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    shards: int = Field(
+        1, ge=1, le=64, description="dense only: split the index by document over N deployments, queried together"
+    )
     ray_actor_options: ActorOptions = ActorOptions()
     batch: BatchConfig = BatchConfig()
 
@@ -144,12 +148,15 @@ class RetrieverConfig(ScalingConfig):
     def _kind_fields(self) -> RetrieverConfig:
         if (self.data is None) == (self.artifacts is None):
             raise ValueError("give exactly one of `data` (a collection) and `artifacts` (from `ragfan ingest`)")
+        if self.shards > 1 and self.kind != "dense":
+            raise ValueError(f"`shards` applies to kind 'dense' only, not {self.kind!r} (BM25 scores depend on "
+                             "corpus statistics, so shards of a keyword index would not merge exactly)")
         for key, kind in _KIND_FIELDS.items():
             if key in self.model_fields_set and self.kind != kind:
                 raise ValueError(f"`{key}` applies to kind {kind!r} only, not {self.kind!r}")
         return self
 
-    def spec(self, cache_dir: Path | None) -> RetrieverSpec:
+    def spec(self, cache_dir: Path | None, shard: tuple[int, int] | None = None) -> RetrieverSpec:
         params: dict[str, Any] = {"text_field": self.text_field}
         if self.kind == "dense":
             params["index_type"] = self.index
@@ -167,7 +174,17 @@ class RetrieverConfig(ScalingConfig):
             model=self.model,
             params=params,
             cache_dir=str(cache_dir) if cache_dir else None,
+            shard=shard,
         )
+
+    def specs(self, cache_dir: Path | None) -> list[RetrieverSpec]:
+        """One spec per deployment: the retriever, or each of its shards."""
+        if self.shards == 1:
+            return [self.spec(cache_dir)]
+        return [self.spec(cache_dir, (i, self.shards)) for i in range(self.shards)]
+
+    def deployment_names(self) -> list[str]:
+        return [self.name] if self.shards == 1 else [f"{self.name}-shard{i}" for i in range(self.shards)]
 
     def summary(self) -> dict[str, Any]:
         """What `/v1/retrievers` shows of the config."""
@@ -180,6 +197,7 @@ class RetrieverConfig(ScalingConfig):
             "weight": self.weight,
             "filter_keys": self.filter_keys,
             **{k: getattr(self, k) for k in sorted(keep)},
+            "shards": self.shards,
             "num_replicas": None if self.autoscaling_config else self.num_replicas,
             "autoscaling": bool(self.autoscaling_config),
             **self.ray_actor_options.to_ray(),
@@ -282,10 +300,14 @@ def file_problems(config: AppConfig) -> dict[str, str]:
         for key, path in (("data", r.data), ("aliases", r.aliases)):
             if path is not None and not path.is_file():
                 problems.setdefault(r.name, f"retrievers.{i}.{key}: file not found: {path}")
-        if r.artifacts is not None and not (r.artifacts / "manifest.json").is_file():
-            problems.setdefault(
-                r.name, f"retrievers.{i}.artifacts: no manifest.json in {r.artifacts}; build it with `ragfan ingest`"
-            )
+        if r.artifacts is not None:
+            dirs = [r.artifacts] if r.shards == 1 else [shard_dir(r.artifacts, s, r.shards) for s in range(r.shards)]
+            missing = next((d for d in dirs if not (d / "manifest.json").is_file()), None)
+            if missing is not None:
+                build = "`ragfan ingest`" if r.shards == 1 else f"`ragfan ingest --shards {r.shards}`"
+                problems.setdefault(
+                    r.name, f"retrievers.{i}.artifacts: no manifest.json in {missing}; build it with {build}"
+                )
     return problems
 
 

@@ -24,6 +24,7 @@ class Outcome:
     latency_ms: float | None = None
     value: Any = None  # what the call returned: a hit list for a search
     error: str | None = None
+    coverage: float | None = None  # a sharded retriever: the fraction of its shards that answered
 
 
 @dataclass(frozen=True, slots=True)

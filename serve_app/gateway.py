@@ -19,12 +19,13 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from actors.shards import merge as merge_shards
 from actors.types import Unavailable
 from serve_app import __version__, guard
 from serve_app.breaker import CircuitBreaker
 from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, NoRetrieverAvailable
-from serve_app.fanout import Call, Outcome, call_with_deadline, fan_out
+from serve_app.fanout import MAX_ERROR_CHARS, Call, Outcome, call_with_deadline, fan_out
 from serve_app.fusion import fuse
 from serve_app.schemas import (
     ErrorResponse,
@@ -97,10 +98,25 @@ def validate(request: SearchRequest, config: AppConfig) -> list[str]:
     return list(dict.fromkeys(selected))
 
 
+def _describe_all(parts: list[Outcome]) -> Outcome:
+    """One retriever's description from its deployments: itself, or each shard of it."""
+    if len(parts) == 1:
+        return parts[0]
+    bad = next((o for o in parts if o.status != "ok"), None)
+    if bad is not None:
+        return bad
+    shards = [o.value for o in parts]
+    first_error = next((d["error"] for d in shards if d.get("error")), None)
+    detail = {"num_docs": sum(d.get("num_docs", 0) for d in shards), "shards": shards}
+    return Outcome(parts[0].name, "ok", value={**detail, "error": first_error} if first_error else detail)
+
+
 # Helpers and exception handlers live above the class: `serve.ingress` copies the class and the
 # FastAPI app when it is decorated, and sees only what exists at that moment.
 def _status(o: Outcome) -> RetrieverStatus:
-    return RetrieverStatus(status=o.status, latency_ms=o.latency_ms, num_hits=len(o.value or []), error=o.error)
+    return RetrieverStatus(
+        status=o.status, latency_ms=o.latency_ms, num_hits=len(o.value or []), error=o.error, coverage=o.coverage
+    )
 
 
 def _ms(started: float) -> float:
@@ -128,10 +144,14 @@ api.add_middleware(guard.Guard)
 @serve.ingress(api)
 class Gateway:
     def __init__(
-        self, config: AppConfig, retrievers: dict[str, DeploymentHandle], *, api_key_digests: tuple[bytes, ...] = ()
+        self,
+        config: AppConfig,
+        retrievers: dict[str, list[DeploymentHandle]],
+        *,
+        api_key_digests: tuple[bytes, ...] = (),
     ) -> None:
         self.config = config
-        self.handles = retrievers
+        self.handles = retrievers  # one handle per retriever, or one per shard of a sharded one
         self.weights = {r.name: r.weight for r in config.retrievers}
         cb = {r.name: r.circuit_breaker for r in config.retrievers}
         self.breakers = {n: CircuitBreaker(failures=c.failures, cooldown_s=c.cooldown_s) for n, c in cb.items()}
@@ -197,7 +217,7 @@ class Gateway:
                 for h in fused
             ],
             retrievers=statuses,
-            degraded=len(ok) < len(selected),
+            degraded=len(ok) < len(selected) or any((o.coverage or 1) < 1 for o in outcomes.values()),
             latency_ms=total,
         )
 
@@ -212,9 +232,7 @@ class Gateway:
             return Outcome(name, "skipped", error=CIRCUIT_OPEN)
         self.in_flight[name] += 1
         try:
-            outcome = await call_with_deadline(name, self._call(name, request))
-            if isinstance(outcome.value, Unavailable):
-                outcome = Outcome(name, "error", outcome.latency_ms, error=outcome.value.reason)
+            outcome = await self._scatter(name, request)
         except asyncio.CancelledError:
             breaker.release()
             raise
@@ -243,22 +261,49 @@ class Gateway:
             logger.warning("retriever %s degraded the answer: %s", name, problem)
         self.last_problem[name] = problem
 
-    def _call(self, name: str, request: SearchRequest) -> Call:
+    async def _scatter(self, name: str, request: SearchRequest) -> Outcome:
+        """Call the retriever, or every shard of it at once, each with the retriever's deadline.
+
+        A sharded retriever answers with the merged top-k of the shards that answered; its
+        `coverage` is the fraction that did, and below 1 the answer is degraded.
+        """
         cfg = self.config.retriever(name)
-        timeout_ms = min(cfg.timeout_ms, request.timeout_ms or cfg.timeout_ms)
+        timeout_s = min(cfg.timeout_ms, request.timeout_ms or cfg.timeout_ms) / 1000
+        top_k = max(cfg.top_k, request.top_k)
         filters = {k: v for k, v in (request.filters or {}).items() if k in cfg.filter_keys} or None
-        start = partial(self.handles[name].search.remote, request.query, max(cfg.top_k, request.top_k), filters)
-        return Call(start=start, timeout_s=timeout_ms / 1000)
+        calls = [
+            call_with_deadline(name, Call(start=partial(h.search.remote, request.query, top_k, filters),
+                                          timeout_s=timeout_s))
+            for h in self.handles[name]
+        ]
+        parts = [
+            Outcome(o.name, "error", o.latency_ms, error=o.value.reason) if isinstance(o.value, Unavailable) else o
+            for o in await asyncio.gather(*calls)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        answered = [o for o in parts if o.status == "ok"]
+        problems = "; ".join(f"shard {i}: {o.status}: {o.error}" for i, o in enumerate(parts) if o.status != "ok")
+        latency = max(o.latency_ms or 0.0 for o in parts)
+        if not answered:
+            status = "timeout" if all(o.status == "timeout" for o in parts) else "error"
+            return Outcome(name, status, latency, error=problems[:MAX_ERROR_CHARS], coverage=0.0)
+        merged = merge_shards((o.value for o in answered), top_k)
+        return Outcome(name, "ok", latency, value=merged, error=problems[:MAX_ERROR_CHARS] or None,
+                       coverage=round(len(answered) / len(parts), 4))
 
     async def retrievers(self) -> RetrieversResponse:
         outcomes: dict[str, Outcome] = {}
         if self.config.enabled:
-            outcomes = await fan_out(
-                {name: Call(start=h.describe.remote, timeout_s=DESCRIBE_TIMEOUT_S) for name, h in self.handles.items()}
-            )
+            outcomes = await fan_out({
+                f"{name}#{i}": Call(start=h.describe.remote, timeout_s=DESCRIBE_TIMEOUT_S)
+                for name, handles in self.handles.items()
+                for i, h in enumerate(handles)
+            })
         infos = []
         for r in self.config.retrievers:
-            o = outcomes.get(r.name)
+            parts = [outcomes[f"{r.name}#{i}"] for i in range(r.shards)] if outcomes else []
+            o = _describe_all(parts) if parts else None
             detail = o.value if o is not None and o.status == "ok" else None
             start_error = (detail or {}).get("error")  # the replica is up but its retriever failed to load
             infos.append(RetrieverInfo(

@@ -67,6 +67,9 @@ class RetrieverStatus(BaseModel):
     latency_ms: float | None = None
     num_hits: int = 0
     error: str | None = None
+    coverage: float | None = Field(
+        None, description="a sharded retriever: the fraction of its shards that answered (below 1: degraded)"
+    )
 
 
 class SearchResponse(BaseModel):

@@ -226,3 +226,22 @@ def elastic_url(cluster) -> str:
     )
     serve.run(app_from_config(config, api_keys=[]), name="elastic", route_prefix="/elastic")
     return cluster + "/elastic"
+
+
+@pytest.fixture(scope="session")
+def sharded_url(cluster, tmp_path_factory) -> str:
+    """The same dense collection twice: whole, and split by document over two shard deployments."""
+    dense = {"kind": "dense", "data": str(TINYBEIR / "corpus.jsonl"), "top_k": 10,
+             "ray_actor_options": {"num_cpus": 0.2}, "timeout_ms": 5000}
+    config = parse_config(
+        {
+            "app_name": "sharded",
+            "cache_dir": str(tmp_path_factory.mktemp("shard-cache")),
+            "gateway": {"ray_actor_options": {"num_cpus": 0.1}},
+            "retrievers": [{"name": "whole", **dense}, {"name": "split", "shards": 2, **dense}],
+        },
+        base_dir=Path("."),
+    )
+    prepare_indexes(config, progress=False)
+    serve.run(app_from_config(config, api_keys=[]), name="sharded", route_prefix="/sharded")
+    return cluster + "/sharded"

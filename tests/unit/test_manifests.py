@@ -336,3 +336,14 @@ def test_one_image_one_ray_version_one_torch(cluster_spec):
     pin = re.search(r'"torch==([\d.]+)"', (ROOT / "Makefile").read_text(encoding="utf-8")).group(1)
     assert f'"torch=={pin}" --index-url https://download.pytorch.org/whl/cpu' in dockerfile
     assert re.search(r"^ENV HF_HUB_OFFLINE=1$", dockerfile, re.M)
+
+
+def test_every_pod_runs_with_ragfans_serve_env_and_the_head_reads_the_api_keys(cluster_spec):
+    from serve_app.app import SERVE_ENV
+
+    groups = [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
+    for group in groups:
+        env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV
+    head_env = {e["name"]: e for e in groups[0]["template"]["spec"]["containers"][0]["env"]}
+    assert head_env["RAGFAN_API_KEYS"]["valueFrom"]["secretKeyRef"]["optional"] is True
