@@ -206,7 +206,7 @@ def test_the_raycluster_is_the_rayservice_cluster(cluster_spec):
 def _comparable(config: AppConfig) -> dict[str, Any]:
     """What must not differ from the embedded default: all but placement and scaling."""
     dump = config.model_dump()
-    for r in dump["retrievers"]:
+    for r in [*dump["retrievers"], dump["gateway"]]:
         r["ray_actor_options"].pop("resources")
         for key in ("num_replicas", "autoscaling_config"):
             r.pop(key)
