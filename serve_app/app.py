@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from ray.serve import Application
 
 from actors.deployment import RetrieverDeployment
-from serve_app.config import AppConfig, file_problems, load_config
+from serve_app.config import AppConfig, check_startable, file_problems, load_config
 from serve_app.gateway import Gateway
 from serve_app.guard import digest, load_api_keys
 
@@ -64,7 +64,7 @@ class BuildArgs(BaseModel):
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Application builder for `serve run` / `serve deploy` / KubeRay serveConfigV2."""
     config = load_config(BuildArgs.model_validate(args or {}).config)
-    for name, problem in file_problems(config).items():
+    for name, problem in check_startable(config).items():
         logger.warning("retriever %s will not start: %s", name, problem)
     return app_from_config(config)
 

@@ -90,11 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- serve ---------------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
     from serve_app.app import app_from_config, prepare_indexes, serve_env
-    from serve_app.config import file_problems, load_config
+    from serve_app.config import check_startable, load_config
     from serve_app.guard import API_KEYS_ENV, load_api_keys
 
     config = load_config(args.config)
-    for name, problem in file_problems(config).items():
+    for name, problem in check_startable(config).items():
         print(f"ragfan: warning: retriever {name} will not start: {problem}", file=sys.stderr)
     api_keys = load_api_keys(config.gateway.api_keys_file)
     if own_port_taken(args.host, args.port) and args.address is None:

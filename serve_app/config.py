@@ -311,6 +311,18 @@ def file_problems(config: AppConfig) -> dict[str, str]:
     return problems
 
 
+def check_startable(config: AppConfig) -> dict[str, str]:
+    """`file_problems`, after raising ConfigError when no retriever at all could start.
+
+    Some retrievers missing their files: the app starts degraded without them, and says so. All of
+    them: nothing could answer, and a running service that only ever answers 503 helps nobody.
+    """
+    problems = file_problems(config)
+    if problems and len(problems) == len(config.retrievers):
+        raise ConfigError("no retriever can start:\n  " + "\n  ".join(problems.values()))
+    return problems
+
+
 def check_files(config: AppConfig) -> None:
     """Raise ConfigError naming every missing file (for tools that need the whole config)."""
     problems = file_problems(config)

@@ -3,6 +3,7 @@ import socket
 from pathlib import Path
 
 from serve_app.cli import format_response, main
+from serve_app.config import check_startable, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,12 +49,21 @@ def test_serve_refuses_a_port_in_use(capsys):
     assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
 
 
-def test_serve_names_a_missing_data_file(tmp_path, capsys):
+def test_serve_refuses_a_config_where_no_retriever_can_start(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("retrievers: [{name: docs, kind: keyword, data: nowhere.jsonl}]")
     assert main(["serve", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "retrievers.0.data: file not found" in err and "nowhere.jsonl" in err
+    assert "no retriever can start" in err and "retrievers.0.data: file not found" in err and "nowhere.jsonl" in err
+
+
+def test_some_missing_files_are_problems_to_warn_about_not_a_refusal(tmp_path):
+    (tmp_path / "here.jsonl").write_text('{"id": "a", "text": "x"}\n')
+    raw = {"retrievers": [{"name": "ok", "kind": "keyword", "data": "here.jsonl"},
+                          {"name": "gone", "kind": "keyword", "data": "nowhere.jsonl"}]}
+    config = parse_config(raw, base_dir=tmp_path)
+    assert list(check_startable(config)) == ["gone"]
+    assert "retrievers.1.data: file not found" in check_startable(config)["gone"]
 
 
 def test_format_response_shows_results_and_statuses():
