@@ -92,18 +92,23 @@ def _cause(exc: Exception) -> BaseException:
     return cause if isinstance(cause, RagError) else exc
 
 
+def _should_retry(exc: Exception, attempt: int) -> bool:
+    """True to try again; otherwise raise ragfan's own error from inside Ray's wrapper, or `exc`."""
+    if isinstance(exc, RayActorError | ActorUnavailableError) and attempt < ATTEMPTS:
+        return True  # the gateway replica died under this search: another one will answer it
+    cause = _cause(exc)
+    if cause is exc:
+        return False
+    raise cause from None
+
+
 def _reraise(call: Callable[[], T]) -> T:
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return call()
-        except (RayActorError, ActorUnavailableError):
-            if attempt == ATTEMPTS:
-                raise
         except Exception as exc:
-            cause = _cause(exc)
-            if cause is exc:
+            if not _should_retry(exc, attempt):
                 raise
-            raise cause from None
     raise AssertionError("unreachable")
 
 
@@ -111,12 +116,7 @@ async def _reraise_async(call: Callable[[], Awaitable[T]]) -> T:
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return await call()
-        except (RayActorError, ActorUnavailableError):
-            if attempt == ATTEMPTS:
-                raise
         except Exception as exc:
-            cause = _cause(exc)
-            if cause is exc:
+            if not _should_retry(exc, attempt):
                 raise
-            raise cause from None
     raise AssertionError("unreachable")

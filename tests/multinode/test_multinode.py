@@ -9,7 +9,6 @@ These tests need a Ray cluster of their own, so they run in their own pytest pro
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections import Counter
@@ -24,14 +23,9 @@ from ray.cluster_utils import Cluster
 
 from serve_app.app import app_from_config, serve_env
 from serve_app.config import DEFAULT_CONFIG, parse_config
+from tests.integration.conftest import _free_port
 
 CORPUS = DEFAULT_CONFIG.parent / "data" / "corpus.jsonl"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
