@@ -34,18 +34,22 @@ logger = logging.getLogger("ray.serve")
 # replicas never block their event loop (CPU work runs in worker threads), as that mode requires.
 # Its log buffer is set back to one record, so that a warning reaches the log when it happens.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
+# That mode also serves HTTP through direct ingress, which at shutdown drains for 30 s so that a load
+# balancer in front can stop routing. A cluster ragfan starts for itself (`ragfan serve`, bench,
+# tests) has none, and Ctrl-C should take seconds; clusters started elsewhere keep Serve's default.
+LOCAL_SERVE_ENV = {**SERVE_ENV, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 
 
 @contextmanager
 def serve_env() -> Iterator[None]:
-    """SERVE_ENV in the environment while `ray.init` starts a local cluster, and only then.
+    """LOCAL_SERVE_ENV in the environment while `ray.init` starts a local cluster, and only then.
 
     Ray's processes inherit it when they start. This process must not keep it: in a driver, the
     same setting makes Serve refuse synchronous handle calls, and its child processes (a script
     using RagClient, say) would inherit that too. Values already set in the environment win.
     """
-    saved = {key: os.environ.get(key) for key in SERVE_ENV}
-    for key, value in SERVE_ENV.items():
+    saved = {key: os.environ.get(key) for key in LOCAL_SERVE_ENV}
+    for key, value in LOCAL_SERVE_ENV.items():
         os.environ.setdefault(key, value)
     try:
         yield
