@@ -14,6 +14,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import ray
 from ray import serve
 
 from actors.base import Retriever
@@ -81,8 +82,6 @@ class RetrieverDeployment:
         return await asyncio.to_thread(self.retriever.search, queries)
 
     def describe(self) -> dict[str, Any]:
-        import ray
-
         base = {
             "name": self.spec.name,
             "kind": self.spec.kind,

@@ -23,7 +23,7 @@ from actors.shards import merge as merge_shards
 from actors.types import Unavailable
 from serve_app import __version__, guard
 from serve_app.breaker import CircuitBreaker
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, RetrieverConfig
 from serve_app.errors import InvalidRequest, NoRetrieverAvailable
 from serve_app.fanout import MAX_ERROR_CHARS, Call, Outcome, call_with_deadline, fan_out
 from serve_app.fusion import fuse
@@ -232,7 +232,7 @@ class Gateway:
             return Outcome(name, "skipped", error=CIRCUIT_OPEN)
         self.in_flight[name] += 1
         try:
-            outcome = await self._scatter(name, request)
+            outcome = await self._scatter(name, cfg, request)
         except asyncio.CancelledError:
             breaker.release()
             raise
@@ -261,13 +261,12 @@ class Gateway:
             logger.warning("retriever %s degraded the answer: %s", name, problem)
         self.last_problem[name] = problem
 
-    async def _scatter(self, name: str, request: SearchRequest) -> Outcome:
+    async def _scatter(self, name: str, cfg: RetrieverConfig, request: SearchRequest) -> Outcome:
         """Call the retriever, or every shard of it at once, each with the retriever's deadline.
 
         A sharded retriever answers with the merged top-k of the shards that answered; its
         `coverage` is the fraction that did, and below 1 the answer is degraded.
         """
-        cfg = self.config.retriever(name)
         timeout_s = min(cfg.timeout_ms, request.timeout_ms or cfg.timeout_ms) / 1000
         top_k = max(cfg.top_k, request.top_k)
         filters = {k: v for k, v in (request.filters or {}).items() if k in cfg.filter_keys} or None
