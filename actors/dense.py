@@ -18,7 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from actors.docstore import DocStore, metadata_index, write_docstore
-from actors.embedder import Embedder
+from actors.embedder import Embedder, query_vectors
 from actors.errors import RetrieverFailed
 from actors.types import Document, Filters, Hit, Query, filter_text
 
@@ -26,13 +26,13 @@ IndexType = Literal["flat", "hnsw"]
 ENCODE_BATCH = 64
 
 
-def embed_documents(embedder: Embedder, docs: Sequence[Document], *, progress: bool, desc: str) -> np.ndarray:
-    """Encode documents in batches, with a progress bar a person can watch."""
-    out = np.zeros((len(docs), embedder.dim), dtype=np.float32)
-    with tqdm(total=len(docs), desc=desc, unit="doc", disable=not progress) as bar:
-        for start in range(0, len(docs), ENCODE_BATCH):
-            batch = docs[start : start + ENCODE_BATCH]
-            out[start : start + len(batch)] = embedder.encode([d.text for d in batch])
+def embed_texts(embedder: Embedder, texts: Sequence[str], *, progress: bool, desc: str) -> np.ndarray:
+    """Encode texts in batches in this process, with a progress bar a person can watch."""
+    out = np.zeros((len(texts), embedder.dim), dtype=np.float32)
+    with tqdm(total=len(texts), desc=desc, unit="doc", disable=not progress) as bar:
+        for start in range(0, len(texts), ENCODE_BATCH):
+            batch = texts[start : start + ENCODE_BATCH]
+            out[start : start + len(batch)] = embedder.encode(batch)
             bar.update(len(batch))
     return out
 
@@ -89,7 +89,7 @@ class DenseRetriever:
         index_type: IndexType = "flat",
         progress: bool = False,
     ) -> DenseRetriever:
-        vectors = embed_documents(embedder, documents, progress=progress, desc=f"embedding {name}")
+        vectors = embed_texts(embedder, [d.text for d in documents], progress=progress, desc=f"embedding {name}")
         return cls(
             name=name,
             documents=documents,
@@ -129,7 +129,7 @@ class DenseRetriever:
     def search(self, queries: Sequence[Query]) -> list[list[Hit]]:
         if not queries:
             return []
-        vectors = self.embedder.encode([q.text for q in queries])
+        vectors = query_vectors(self.embedder, queries, self.index.d)
         results: list[list[Hit]] = [[] for _ in queries]
         # One FAISS call per distinct filter: unfiltered queries of a batch go together.
         groups: dict[tuple, list[int]] = defaultdict(list)

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from actors.errors import RetrieverFailed
+from actors.types import Query
 
 logger = logging.getLogger("ragfan")
 
@@ -88,15 +89,53 @@ class SentenceTransformerEmbedder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def limit_threads(num_cpus: float) -> int:
-    """Match torch and FAISS thread pools to the CPUs a replica declared (at least one)."""
-    threads = max(1, int(num_cpus))
-    try:
-        import torch
+class SharedEncoderVectors:
+    """Stands in for the model in a retriever whose queries arrive already encoded.
 
-        torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover - torch is a dependency, but keep keyword-only use light
-        pass
+    It knows the model's name and dimension, which is all an index needs to check itself against;
+    it cannot encode. With `encoder: shared` the gateway encodes each query once, on the encoder
+    deployment of its model, and sends the vector with the query, so the replica needs no torch.
+    """
+
+    device = "none (shared encoder)"
+
+    def __init__(self, name: str, dim: int) -> None:
+        self.name, self.dim = name, dim
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        raise RetrieverFailed(
+            f"{len(texts)} queries arrived without vectors, and this retriever has no model of its own "
+            "(encoder: shared); send them through the gateway, or set `encoder: local`"
+        )
+
+
+def query_vectors(embedder: Embedder, queries: Sequence[Query], dim: int) -> np.ndarray:
+    """One row per query: the vector it carries, else the embedder's encoding of its text."""
+    missing = [i for i, q in enumerate(queries) if q.vector is None]
+    out = np.empty((len(queries), dim), dtype=np.float32)
+    if missing:
+        out[missing] = embedder.encode([queries[i].text for i in missing])
+    for i, q in enumerate(queries):
+        if q.vector is not None:
+            if len(q.vector) != dim:
+                raise RetrieverFailed(
+                    f"a query vector has {len(q.vector)} dimensions, the index {dim}: the encoder's model is "
+                    f"not the one the index was built with ({embedder.name})"
+                )
+            out[i] = q.vector
+    return out
+
+
+def limit_threads(num_cpus: float, *, torch: bool = True) -> int:
+    """Match FAISS's (and, with `torch`, torch's) thread pools to the CPUs a replica declared.
+
+    `torch=False` for replicas that hold no model: importing torch costs a few hundred MB of RSS.
+    """
+    threads = max(1, int(num_cpus))
+    if torch:
+        import torch as _torch
+
+        _torch.set_num_threads(threads)
     import faiss
 
     faiss.omp_set_num_threads(threads)

@@ -1,19 +1,27 @@
-"""From a retriever spec to a loaded retriever: read the data, load the model, load or build the index."""
+"""From a retriever spec to a loaded retriever: read the data, load the model, load or build the index.
+
+A retriever with `shared_encoder` never loads a model: its queries arrive with vectors from the
+encoder deployment, and what it must embed ahead of time (a dense index, a graph's entity and fact
+vectors) is built once, by `build_missing` with a pool of Ray actors before replicas start, or here
+as a fallback, and cached on disk.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from actors.base import Retriever
 from actors.data import read_aliases, read_documents, read_triples
-from actors.dense import DenseRetriever
-from actors.embedder import DEFAULT_MODEL, SentenceTransformerEmbedder, resolve_model
+from actors.dense import DenseRetriever, embed_texts, make_index
+from actors.embedder import DEFAULT_MODEL, Embedder, SentenceTransformerEmbedder, SharedEncoderVectors, resolve_model
 from actors.errors import DataError, RetrieverFailed
-from actors.graph import GraphRetriever
+from actors.graph import GraphRetriever, entity_names, fact_sentence
 from actors.index import build_key, default_cache_dir, load_or_build, sha256_file, verify
 from actors.keyword import KeywordRetriever
 from actors.shards import shard_dir, shard_of
@@ -22,6 +30,10 @@ from actors.synthetic import SyntheticRetriever
 logger = logging.getLogger("ragfan")
 
 KINDS = ("dense", "keyword", "graph", "synthetic")
+MODEL_KINDS = ("dense", "graph")  # the kinds that embed queries
+
+# Embeds texts for a build: (texts, what a progress bar calls the work) -> one row per text.
+Encode = Callable[[Sequence[str], str], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,7 @@ class RetrieverSpec:
     params: Mapping[str, Any] = field(default_factory=dict)
     cache_dir: str | None = None
     shard: tuple[int, int] | None = None  # (i, N): this replica holds shard i of N (dense only)
+    shared_encoder: bool = False  # queries arrive encoded by the model's encoder deployment: no model here
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -46,6 +59,17 @@ class RetrieverSpec:
             i, n = self.shard
             if self.kind != "dense" or not 0 <= i < n:
                 raise ValueError(f"{self.name}: shard {i} of {n} is not valid for kind {self.kind!r}")
+        if self.shared_encoder and self.kind not in MODEL_KINDS:
+            raise ValueError(f"{self.name}: kind {self.kind!r} embeds nothing, so it has no encoder to share")
+
+    @property
+    def model_name(self) -> str:
+        return resolve_model(self.model)[0]
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether this replica loads a model of its own to encode queries."""
+        return self.kind in MODEL_KINDS and not self.shared_encoder
 
 
 def dense_index_dir(spec: RetrieverSpec, source_sha256: str | None = None) -> Path:
@@ -62,7 +86,107 @@ def dense_index_dir(spec: RetrieverSpec, source_sha256: str | None = None) -> Pa
     return cache / spec.name / key
 
 
-def open_artifacts(spec: RetrieverSpec) -> Retriever:
+def graph_vectors_dir(spec: RetrieverSpec) -> Path:
+    """Where a graph's entity and fact vectors live; a changed triples file or model moves them."""
+    cache = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
+    key = build_key(kind="graph-vectors", model=spec.model_name, source_sha256=sha256_file(_triples_path(spec)))
+    return cache / spec.name / key
+
+
+def _triples_path(spec: RetrieverSpec) -> Path:
+    return Path(spec.artifacts) / "triples.jsonl" if spec.artifacts else Path(spec.data)
+
+
+def _check_model(spec: RetrieverSpec, directory: Path, manifest: Mapping[str, Any]) -> None:
+    if manifest.get("model") != spec.model_name:
+        whose = "the encoder's model" if spec.shared_encoder else "its model"
+        raise RetrieverFailed(
+            f"{directory}: built with model {manifest.get('model')!r}, but {whose} for {spec.name} is "
+            f"{spec.model_name!r}; set `model` to the index's model or re-run `ragfan ingest --model`"
+        )
+
+
+def _query_embedder(spec: RetrieverSpec, dim: int) -> Embedder:
+    """The model that encodes this retriever's queries, or the stand-in for the shared encoder."""
+    if spec.shared_encoder:
+        return SharedEncoderVectors(spec.model_name, dim)
+    return SentenceTransformerEmbedder(spec.model)
+
+
+def local_encode(model: str, *, progress: bool) -> Encode:
+    """Embed in this process, with the model loaded on first use."""
+    embedder: list[SentenceTransformerEmbedder] = []
+
+    def encode(texts: Sequence[str], desc: str) -> np.ndarray:
+        if not embedder:
+            embedder.append(SentenceTransformerEmbedder(model))
+        return embed_texts(embedder[0], list(texts), progress=progress, desc=desc)
+
+    return encode
+
+
+# -- what is built ahead of time ----------------------------------------------------------------
+def _dense_build(spec: RetrieverSpec, source_sha256: str, encode: Encode) -> Callable[[Path], dict[str, Any]]:
+    def build(directory: Path) -> dict[str, Any]:
+        docs = read_documents(spec.data, text_field=spec.params.get("text_field", "text"))
+        if spec.shard is not None:
+            docs = [d for d in docs if shard_of(d.doc_id, spec.shard[1]) == spec.shard[0]]
+        vectors = encode([d.text for d in docs], f"embedding {spec.name}")
+        retriever = DenseRetriever(
+            name=spec.name,
+            documents=docs,
+            index=make_index(vectors, spec.params.get("index_type", "flat")),
+            embedder=SharedEncoderVectors(spec.model_name, vectors.shape[1]),
+            index_type=spec.params.get("index_type", "flat"),
+        )
+        shard = {"shard": list(spec.shard)} if spec.shard else {}
+        return {**retriever.save(directory), "source": str(spec.data), "source_sha256": source_sha256, **shard}
+
+    return build
+
+
+def _graph_vectors_build(spec: RetrieverSpec, encode: Encode) -> Callable[[Path], dict[str, Any]]:
+    def build(directory: Path) -> dict[str, Any]:
+        triples = read_triples(_triples_path(spec))
+        entities = encode(entity_names(triples), f"embedding {spec.name} entities")
+        facts = encode([fact_sentence(t) for t in triples], f"embedding {spec.name} facts")
+        np.save(directory / "entities.npy", entities)
+        np.save(directory / "facts.npy", facts)
+        return {"kind": "graph-vectors", "model": spec.model_name, "dim": int(entities.shape[1]),
+                "num_entities": len(entities), "num_facts": len(facts), "source": str(_triples_path(spec))}
+
+    return build
+
+
+def _load_graph_vectors(directory: Path, manifest: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    return np.load(directory / "entities.npy"), np.load(directory / "facts.npy")
+
+
+def missing_build(spec: RetrieverSpec) -> Path | None:
+    """The directory that must be embedded before this retriever can start without a model, if any."""
+    if spec.kind == "dense" and spec.data is not None:
+        target = dense_index_dir(spec)
+    elif spec.kind == "graph" and spec.shared_encoder:
+        target = graph_vectors_dir(spec)
+    else:
+        return None
+    return None if (target / "manifest.json").is_file() else target
+
+
+def build_missing(spec: RetrieverSpec, encode: Encode) -> bool:
+    """Embed what `missing_build` names, with `encode` (a pool of Ray actors in `ragfan serve`)."""
+    if missing_build(spec) is None:
+        return False
+    if spec.kind == "dense":
+        sha = sha256_file(Path(spec.data))
+        load_or_build(dense_index_dir(spec, sha), build=_dense_build(spec, sha, encode), load=lambda d, m: None)
+    else:
+        load_or_build(graph_vectors_dir(spec), build=_graph_vectors_build(spec, encode), load=lambda d, m: None)
+    return True
+
+
+# -- opening ----------------------------------------------------------------------------------
+def open_artifacts(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
     """Load a retriever from the artifacts `ragfan ingest` wrote, after checking them."""
     directory = Path(spec.artifacts)
     if spec.shard is not None:
@@ -78,53 +202,51 @@ def open_artifacts(spec: RetrieverSpec) -> Retriever:
         raise DataError(f"{directory}: holds a {manifest.get('kind')!r} index, but {spec.name} is kind {spec.kind!r}")
     if spec.kind == "keyword":
         return KeywordRetriever.load(directory, manifest, name=spec.name)
-    model_name = resolve_model(spec.model)[0]
-    if manifest.get("model") != model_name:
-        raise RetrieverFailed(
-            f"{directory}: built with model {manifest.get('model')!r}, but {spec.name} is configured with "
-            f"{model_name!r}; set `model` to the index's model or re-run `ragfan ingest --model`"
-        )
-    embedder = SentenceTransformerEmbedder(spec.model)
+    _check_model(spec, directory, manifest)
     if spec.kind == "dense":
-        return DenseRetriever.load(directory, manifest, name=spec.name, embedder=embedder)
+        return DenseRetriever.load(directory, manifest, name=spec.name, embedder=_query_embedder(spec, manifest["dim"]))
     if spec.kind == "graph":
-        return GraphRetriever(
-            name=spec.name,
-            triples=read_triples(directory / "triples.jsonl"),
-            aliases=read_aliases(directory / "aliases.json"),
-            embedder=embedder,
-            hops=spec.params.get("hops", 2),
-        )
+        return _open_graph(spec, directory / "aliases.json", progress=progress)
     raise DataError(f"{spec.name}: kind {spec.kind!r} has no artifacts; use `data`")
 
 
+def _open_graph(spec: RetrieverSpec, aliases: Path | str | None, *, progress: bool) -> GraphRetriever:
+    vectors = None
+    if spec.shared_encoder:
+        target = graph_vectors_dir(spec)
+        if not (target / "manifest.json").is_file():
+            logger.warning("%s: no entity vectors at %s; embedding them here (ragfan serve builds them first)",
+                           spec.name, target)
+        vectors, _ = load_or_build(
+            target, build=_graph_vectors_build(spec, local_encode(spec.model, progress=progress)),
+            load=_load_graph_vectors,
+        )
+        _check_model(spec, target, verify(target))
+    return GraphRetriever(
+        name=spec.name,
+        triples=read_triples(_triples_path(spec)),
+        aliases=read_aliases(aliases),
+        embedder=_query_embedder(spec, vectors[0].shape[1] if vectors else 0),
+        hops=spec.params.get("hops", 2),
+        vectors=vectors,
+    )
+
+
 def open_retriever(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
-    """Load a retriever, building and caching its index first if needed."""
+    """Load a retriever, building and caching its index first if needed (with a model of its own)."""
     if spec.artifacts is not None:
-        return open_artifacts(spec)
+        return open_artifacts(spec, progress=progress)
     p = dict(spec.params)
     if spec.kind == "dense":
-        embedder = SentenceTransformerEmbedder(spec.model)
         source_sha256 = sha256_file(Path(spec.data))
         target = dense_index_dir(spec, source_sha256)
 
-        def build(directory: Path) -> dict[str, Any]:
-            docs = read_documents(spec.data, text_field=p.get("text_field", "text"))
-            if spec.shard is not None:
-                docs = [d for d in docs if shard_of(d.doc_id, spec.shard[1]) == spec.shard[0]]
-            retriever = DenseRetriever.from_documents(
-                name=spec.name,
-                documents=docs,
-                embedder=embedder,
-                index_type=p.get("index_type", "flat"),
-                progress=progress,
-            )
-            shard = {"shard": list(spec.shard)} if spec.shard else {}
-            return {**retriever.save(directory), "source": str(spec.data), "source_sha256": source_sha256, **shard}
-
         def load(directory: Path, manifest: dict[str, Any]) -> DenseRetriever:
-            return DenseRetriever.load(directory, manifest, name=spec.name, embedder=embedder)
+            _check_model(spec, directory, manifest)
+            return DenseRetriever.load(directory, manifest, name=spec.name,
+                                       embedder=_query_embedder(spec, manifest["dim"]))
 
+        build = _dense_build(spec, source_sha256, local_encode(spec.model, progress=progress))
         retriever, built = load_or_build(target, build=build, load=load)
         logger.info("%s: %s dense index at %s", spec.name, "built" if built else "reused", target)
         return retriever
@@ -135,13 +257,7 @@ def open_retriever(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
             language=p.get("language", "english"),
         )
     if spec.kind == "graph":
-        return GraphRetriever(
-            name=spec.name,
-            triples=read_triples(spec.data),
-            aliases=read_aliases(p.get("aliases")),
-            embedder=SentenceTransformerEmbedder(spec.model),
-            hops=p.get("hops", 2),
-        )
+        return _open_graph(spec, p.get("aliases"), progress=progress)
     return SyntheticRetriever(
         name=spec.name,
         documents=read_documents(spec.data, text_field=p.get("text_field", "text")),

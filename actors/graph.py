@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from actors.data import Triple
-from actors.embedder import Embedder
+from actors.embedder import Embedder, SharedEncoderVectors, query_vectors
 from actors.errors import RetrieverFailed
 from actors.types import Hit, Query, matches
 
@@ -38,6 +38,11 @@ def _words(text: str) -> list[str]:
 
 def fact_sentence(t: Triple) -> str:
     return f"{t.head} {t.relation.replace('_', ' ')} {t.tail}"
+
+
+def entity_names(triples: Sequence[Triple]) -> list[str]:
+    """Every entity of the graph, in the order its vectors are stored."""
+    return sorted({t.head for t in triples} | {t.tail for t in triples})
 
 
 class GraphRetriever:
@@ -54,6 +59,7 @@ class GraphRetriever:
         decay: float = 0.5,
         link_threshold: float = 0.45,
         max_links: int = 3,
+        vectors: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         if hops < 1:
             raise ValueError(f"hops must be >= 1, got {hops}")
@@ -64,7 +70,7 @@ class GraphRetriever:
         self.decay = decay
         self.link_threshold = link_threshold
         self.max_links = max_links
-        self.entities = sorted({t.head for t in self.triples} | {t.tail for t in self.triples})
+        self.entities = entity_names(self.triples)
         self._entity_id = {e: i for i, e in enumerate(self.entities)}
         # surface form (entity name or alias, as a tuple of words) -> entity
         self._surface: dict[tuple[str, ...], str] = {}
@@ -79,12 +85,17 @@ class GraphRetriever:
         for i, t in enumerate(self.triples):
             self._facts_of[t.head].append(i)
             self._facts_of[t.tail].append(i)
-        self._entity_vectors = embedder.encode(self.entities)
-        self._fact_vectors = embedder.encode([fact_sentence(t) for t in self.triples])
+        # (entity vectors, fact vectors), computed once elsewhere (graph_vectors) or here, with the model
+        self._entity_vectors, self._fact_vectors = vectors or (
+            embedder.encode(self.entities),
+            embedder.encode([fact_sentence(t) for t in self.triples]),
+        )
+        if self._entity_vectors.shape[0] != len(self.entities) or self._fact_vectors.shape[0] != len(self.triples):
+            raise RetrieverFailed(f"{name}: the precomputed vectors do not match the graph; delete them to rebuild")
 
     # -- linking -------------------------------------------------------------------------
-    def link(self, text: str, vector: np.ndarray) -> dict[str, float]:
-        """Entities the query mentions, with a link score in (0, 1]."""
+    def link(self, text: str, vector: np.ndarray | None) -> dict[str, float]:
+        """Entities the query mentions, with a link score in (0, 1]; exact links only without a vector."""
         words = _words(text)
         seeds: dict[str, float] = {}
         for n in range(min(MAX_NGRAM, len(words)), 0, -1):
@@ -92,6 +103,8 @@ class GraphRetriever:
                 entity = self._surface.get(tuple(words[start : start + n]))
                 if entity is not None:
                     seeds[entity] = 1.0
+        if vector is None:
+            return seeds
         sims = self._entity_vectors @ vector
         for i in np.argsort(-sims)[: self.max_links]:
             if sims[i] >= self.link_threshold:
@@ -125,14 +138,20 @@ class GraphRetriever:
     def search(self, queries: Sequence[Query]) -> list[list[Hit]]:
         if not queries:
             return []
-        vectors = self.embedder.encode([q.text for q in queries])
+        vectors: Sequence[np.ndarray | None]
+        if isinstance(self.embedder, SharedEncoderVectors) and any(q.vector is None for q in queries):
+            # The gateway sends no vector when the shared encoder failed: link by name only, and
+            # still answer, rather than fail with the encoder.
+            vectors = [q.vector for q in queries]
+        else:
+            vectors = query_vectors(self.embedder, queries, self._entity_vectors.shape[1])
         results = []
         for query, vector in zip(queries, vectors, strict=True):
             seeds = self.link(query.text, vector)
             reached = self._expand(seeds)
             best: dict[str, Hit] = {}  # the same fact may be stated by several sources
             for f, (weight, path) in reached.items():
-                similarity = float(self._fact_vectors[f] @ vector)
+                similarity = float(self._fact_vectors[f] @ vector) if vector is not None else 0.0
                 hit = self._hit(path, weight * (0.5 + 0.5 * similarity), seeds)
                 if matches(hit.metadata, query.filters) and (
                     hit.doc_id not in best or best[hit.doc_id].score < hit.score
@@ -168,6 +187,7 @@ class GraphRetriever:
             "num_aliases": len(self._surface) - len(self.entities),
             "hops": self.hops,
             "model": self.embedder.name,
+            "dim": int(self._entity_vectors.shape[1]),
         }
 
     def check(self) -> None:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from actors.data import read_aliases, read_triples
 from actors.dense import DenseRetriever, IndexType, make_index
-from actors.embedder import DEFAULT_MODEL, resolve_model
+from actors.embedder import DEFAULT_MODEL, SharedEncoderVectors, resolve_model
 from actors.errors import DataError
 from actors.index import FORMAT_VERSION, MANIFEST, load_or_build, verify
 from actors.keyword import KeywordRetriever
@@ -63,61 +63,78 @@ def _embedder_actor():
     return EmbedWorker
 
 
+class EmbedPool:
+    """A pool of Ray actors that embed texts: one per free GPU if there are any, else one per free CPU.
+
+    Each actor takes one CPU (and one GPU), loads the model once and runs torch on one thread, so
+    the pool uses what the cluster has free without oversubscribing it. Texts go out in shards of
+    a few hundred, two in flight per actor. `ragfan ingest` and `ragfan serve` (for what the index
+    cache lacks) both embed through it. Close it to give the actors' memory back.
+    """
+
+    def __init__(self, model: str, *, progress: bool = True, workers: int | None = None) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        self.model = model
+        self.progress = progress
+        free = ray.available_resources()
+        gpus = int(free.get("GPU", 0))
+        self.max_workers = max(1, workers or gpus or int(free.get("CPU", 1)))
+        self._options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+        self._pool: list[Any] = []
+
+    def encode(self, texts: Sequence[str], desc: str = "embedding") -> np.ndarray:
+        import ray
+
+        wanted = min(self.max_workers, math.ceil(len(texts) / SHARD))
+        while len(self._pool) < wanted:  # started on first need, kept for the next call
+            self._pool.append(_embedder_actor().options(**self._options).remote(self.model, 1))
+        pool = self._pool[:wanted] if wanted else self._pool[:1]
+        out: np.ndarray | None = None
+        pending: dict[Any, int] = {}
+        shards = [(s, list(texts[s : s + SHARD])) for s in range(0, len(texts), SHARD)]
+        started = time.perf_counter()
+        with tqdm(total=len(texts), desc=desc, unit="doc", disable=not self.progress, smoothing=0.1) as bar:
+            for i, actor in enumerate(pool):  # two shards in flight per actor keeps each one busy
+                for _ in range(2):
+                    if shards:
+                        s, batch = shards.pop(0)
+                        pending[actor.encode.remote(s, batch)] = i
+            while pending:
+                [ready], _ = ray.wait(list(pending), num_returns=1)
+                i = pending.pop(ready)
+                start, vectors = ray.get(ready)
+                if out is None:
+                    out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
+                out[start : start + len(vectors)] = vectors
+                bar.update(len(vectors))
+                bar.set_postfix(docs_per_s=f"{bar.n / (time.perf_counter() - started):.0f}")
+                if shards:
+                    s, batch = shards.pop(0)
+                    pending[pool[i].encode.remote(s, batch)] = i
+        if out is None:
+            raise DataError(f"{desc}: nothing to embed")
+        return out
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self._pool:
+            ray.kill(actor)
+        self._pool = []
+
+
 def embed_on_cluster(
     texts: Sequence[str], model: str, *, progress: bool = True, workers: int | None = None
 ) -> np.ndarray:
-    """Encode texts with a pool of Ray actors: one per free GPU if there are any, else one per free CPU.
-
-    Each actor takes one CPU (and one GPU) and runs torch on one thread, so the pool uses what the
-    cluster has free without oversubscribing it.
-    """
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
-    free = ray.available_resources()
-    gpus = int(free.get("GPU", 0))
-    if workers is None:
-        workers = gpus or int(free.get("CPU", 1))
-    workers = max(1, min(workers, math.ceil(len(texts) / SHARD)))
-    options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-    pool = [_embedder_actor().options(**options).remote(model, 1) for _ in range(workers)]
-    out: np.ndarray | None = None
-    pending: dict[Any, int] = {}
-    shards = [(s, list(texts[s : s + SHARD])) for s in range(0, len(texts), SHARD)]
-    started = time.perf_counter()
-    with tqdm(total=len(texts), desc="embedding", unit="doc", disable=not progress, smoothing=0.1) as bar:
-        for i, actor in enumerate(pool):  # two shards in flight per actor keeps each one busy
-            for _ in range(2):
-                if shards:
-                    s, batch = shards.pop(0)
-                    pending[actor.encode.remote(s, batch)] = i
-        while pending:
-            [ready], _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ready)
-            start, vectors = ray.get(ready)
-            if out is None:
-                out = np.zeros((len(texts), vectors.shape[1]), dtype=np.float32)
-            out[start : start + len(vectors)] = vectors
-            bar.update(len(vectors))
-            bar.set_postfix(docs_per_s=f"{bar.n / (time.perf_counter() - started):.0f}")
-            if shards:
-                s, batch = shards.pop(0)
-                pending[pool[i].encode.remote(s, batch)] = i
-    for actor in pool:
-        ray.kill(actor)
-    assert out is not None
-    return out
-
-
-class _Embedded:
-    """Stands in for an embedder when vectors were computed elsewhere: holds name and dim only."""
-
-    def __init__(self, name: str, dim: int) -> None:
-        self.name, self.dim = name, dim
-
-    def encode(self, texts, *, batch_size=32):  # pragma: no cover - never called while building
-        raise RuntimeError("precomputed embedder cannot encode")
+    """Encode texts with a pool of Ray actors (see EmbedPool), started and stopped for this call."""
+    pool = EmbedPool(model, progress=progress, workers=workers)
+    try:
+        return pool.encode(texts)
+    finally:
+        pool.close()
 
 
 def _settings_match(directory: Path, wanted: dict[str, Any]) -> bool:
@@ -209,7 +226,7 @@ def _build(
         name=kind,
         documents=docs,
         index=make_index(vectors, index_type),
-        embedder=_Embedded(resolve_model(model)[0], vectors.shape[1]),
+        embedder=SharedEncoderVectors(resolve_model(model)[0], vectors.shape[1]),
         index_type=index_type,
     )
     return {**dense.save(directory), **extra, "embed_docs_per_s": round(rate, 1)}

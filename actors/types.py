@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 FilterValue = str | int | float | bool
 Filters = Mapping[str, FilterValue]
@@ -41,11 +42,17 @@ class Hit:
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """One query as a retriever sees it inside a batch."""
+    """One query as a retriever sees it inside a batch.
+
+    `vector` is the query's embedding when a shared encoder already computed it (an L2-normalised
+    float32 numpy array); a retriever with a model of its own encodes `text` when it is None. Typed
+    `Any` so that this module needs no numpy, and left out of equality and repr.
+    """
 
     text: str
     top_k: int = 10
     filters: Filters | None = None
+    vector: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.top_k < 1:

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from ray.serve import Application
 
 from actors.deployment import RetrieverDeployment
+from actors.encoder import EncoderDeployment, encoder_name
 from serve_app.config import AppConfig, check_startable, file_problems, load_config
 from serve_app.gateway import Gateway
 from serve_app.guard import digest, load_api_keys
@@ -76,21 +77,23 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> Application:
     """The app for `config`. API keys: `api_keys`, else RAGFAN_API_KEYS and gateway.api_keys_file."""
     handles: dict[str, list[Any]] = {}
+    encoders: dict[str, Any] = {}
     if config.enabled:  # disabled: only the gateway runs, and no model is loaded anywhere
         for r in config.retrievers:
             # One deployment per retriever, or one per shard (`corpus-shard0`, ...) of a sharded one.
             handles[r.name] = [
                 RetrieverDeployment.options(
                     name=name, ray_actor_options=r.ray_actor_options.to_ray(), **r.serve_options()
-                ).bind(
-                    spec,
-                    num_cpus=r.ray_actor_options.num_cpus,
-                    max_batch_size=r.batch.max_batch_size,
-                    batch_wait_timeout_s=r.batch.batch_wait_timeout_s,
-                    max_concurrent_batches=r.batch.max_concurrent_batches,
-                )
+                ).bind(spec, num_cpus=r.ray_actor_options.num_cpus,
+                       max_concurrent_batches=r.batch.max_concurrent_batches)
                 for name, spec in zip(r.deployment_names(), r.specs(config.cache_dir), strict=True)
             ]
+        enc = config.encoder
+        for model in config.shared_models:  # one encoder per model that `encoder: shared` retrievers use
+            encoders[model] = EncoderDeployment.options(
+                name=encoder_name(model), ray_actor_options=enc.ray_actor_options.to_ray(), **enc.serve_options()
+            ).bind(model, num_cpus=enc.ray_actor_options.num_cpus, max_batch_size=enc.batch.max_batch_size,
+                   batch_wait_timeout_s=enc.batch.batch_wait_timeout_s)
     gateway = Gateway.options(
         name="gateway",
         ray_actor_options=config.gateway.ray_actor_options.to_ray(),
@@ -98,21 +101,31 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
     )
     keys = load_api_keys(config.gateway.api_keys_file) if api_keys is None else api_keys
     # Only digests travel to the replicas (and into Serve's stored config), never the keys.
-    return gateway.bind(config, handles, api_key_digests=tuple(digest(k) for k in keys))
+    return gateway.bind(config, handles, encoders, api_key_digests=tuple(digest(k) for k in keys))
 
 
 def prepare_indexes(config: AppConfig, *, progress: bool = True) -> None:
-    """Build missing dense indexes here, with progress bars, before replicas start.
+    """Embed what replicas need and the cache lacks (dense indexes, graph vectors), before they start.
 
-    Replicas would build them too, but a person watching `ragfan serve` should see the work.
+    The work goes to the same pool of Ray actors that `ragfan ingest` uses (one per free CPU or
+    GPU), one pool per model, with progress bars; then the pool is gone and its memory with it.
+    Replicas would build what is missing too, but one at a time, each loading the model. Starts a
+    local Ray cluster if none is running.
     """
-    from actors.factory import dense_index_dir, open_retriever
+    from actors.factory import build_missing, missing_build
+    from actors.ingest import EmbedPool
 
     if not config.enabled:
         return
     broken = file_problems(config)
-    for r in config.retrievers:
-        if r.kind == "dense" and r.data is not None and r.name not in broken:
-            for spec in r.specs(config.cache_dir):
-                if not (dense_index_dir(spec) / "manifest.json").is_file():
-                    open_retriever(spec, progress=progress)
+    todo = [spec for r in config.retrievers if r.name not in broken for spec in r.specs(config.cache_dir)
+            if missing_build(spec) is not None]
+    pools: dict[str, EmbedPool] = {}
+    try:
+        for spec in todo:
+            if spec.model not in pools:
+                pools[spec.model] = EmbedPool(spec.model, progress=progress)
+            build_missing(spec, pools[spec.model].encode)
+    finally:
+        for pool in pools.values():
+            pool.close()

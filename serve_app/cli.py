@@ -99,9 +99,7 @@ def serve(args: argparse.Namespace) -> int:
     api_keys = load_api_keys(config.gateway.api_keys_file)
     if own_port_taken(args.host, args.port) and args.address is None:
         raise RagError(f"port {args.port} on {args.host} is in use; pick another with --port (make serve PORT=N)")
-    if config.enabled:
-        prepare_indexes(config)
-    else:
+    if not config.enabled:
         print("ragfan: disabled (RAGFAN_DISABLED or enabled: false): every search answers empty, no model loads")
 
     import ray
@@ -114,9 +112,11 @@ def serve(args: argparse.Namespace) -> int:
         most = {
             r.name: (r.autoscaling_config or {}).get("max_replicas", r.num_replicas or 1) for r in config.retrievers
         }
+        enc = config.encoder
         needed = config.gateway.ray_actor_options.num_cpus + sum(
             r.ray_actor_options.num_cpus * most[r.name] for r in config.retrievers
-        )
+        ) + len(config.shared_models) * enc.ray_actor_options.num_cpus * (
+            (enc.autoscaling_config or {}).get("max_replicas", enc.num_replicas or 1))
         custom: dict[str, float] = {}
         for r in config.retrievers:
             for key, amount in (r.ray_actor_options.resources or {}).items():
@@ -126,6 +126,9 @@ def serve(args: argparse.Namespace) -> int:
                      include_dashboard=False)
     else:
         ray.init(address=args.address)
+    # What the index cache lacks is embedded now, on the cluster, with progress bars: replicas
+    # then start from the cache, and the ones with a shared encoder never load a model.
+    prepare_indexes(config)
 
     def _terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -73,9 +73,12 @@ class ActorOptions(_Strict):
 
 
 class BatchConfig(_Strict):
-    max_batch_size: int = Field(16, ge=1, le=512, description="queries encoded together at most")
+    """How the gateway groups concurrent requests into one call per retriever (serve_app/lanes.py)."""
+
+    max_batch_size: int = Field(32, ge=1, le=512, description="queries in one call at most")
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, le=1, description="how long a batch waits to fill while other requests are in flight"
+        0.01, ge=0, le=1, description="how long a batch waits to fill while another batch is in flight; "
+        "a lone request never waits"
     )
     max_concurrent_batches: int = Field(
         1, ge=1, le=64, description="batches a replica runs at once; >1 pays off for I/O-bound retrievers"
@@ -115,6 +118,7 @@ _KIND_FIELDS = {
     "delay_ms": "synthetic",
     "fail": "synthetic",
 }
+_MODEL_KINDS = ("dense", "graph")
 
 
 class RetrieverConfig(ScalingConfig):
@@ -123,6 +127,10 @@ class RetrieverConfig(ScalingConfig):
     data: Path | None = Field(None, description="documents (JSONL) or, for graph, triples (JSONL or TSV)")
     artifacts: Path | None = Field(None, description="an index directory written by `ragfan ingest` (instead of data)")
     model: str = Field("default", description="'default' (bundled all-MiniLM-L6-v2), a model name or a path")
+    encoder: Literal["shared", "local"] = Field(
+        "shared", description="dense and graph: 'shared' encodes each query once on the model's encoder deployment; "
+        "'local' loads the model in this retriever's own replicas"
+    )
     text_field: str = "text"
     index: Literal["flat", "hnsw"] = "flat"
     aliases: Path | None = None
@@ -154,7 +162,14 @@ class RetrieverConfig(ScalingConfig):
         for key, kind in _KIND_FIELDS.items():
             if key in self.model_fields_set and self.kind != kind:
                 raise ValueError(f"`{key}` applies to kind {kind!r} only, not {self.kind!r}")
+        for key in ("encoder", "model"):
+            if key in self.model_fields_set and self.kind not in _MODEL_KINDS:
+                raise ValueError(f"`{key}` applies to kinds 'dense' and 'graph' only, not {self.kind!r}")
         return self
+
+    @property
+    def shared_encoder(self) -> bool:
+        return self.kind in _MODEL_KINDS and self.encoder == "shared"
 
     def spec(self, cache_dir: Path | None, shard: tuple[int, int] | None = None) -> RetrieverSpec:
         params: dict[str, Any] = {"text_field": self.text_field}
@@ -175,6 +190,7 @@ class RetrieverConfig(ScalingConfig):
             params=params,
             cache_dir=str(cache_dir) if cache_dir else None,
             shard=shard,
+            shared_encoder=self.shared_encoder,
         )
 
     def specs(self, cache_dir: Path | None) -> list[RetrieverSpec]:
@@ -188,7 +204,8 @@ class RetrieverConfig(ScalingConfig):
 
     def summary(self) -> dict[str, Any]:
         """What `/v1/retrievers` shows of the config."""
-        keep = {"model", "index"} if self.kind == "dense" else {"model", "hops"} if self.kind == "graph" else set()
+        keep = {"model", "index", "encoder"} if self.kind == "dense" else {"model", "hops", "encoder"} \
+            if self.kind == "graph" else set()
         return {
             "data": self.data.name if self.data else None,
             "artifacts": str(self.artifacts) if self.artifacts else None,
@@ -227,6 +244,14 @@ class GatewayConfig(ScalingConfig):
         return {**super().serve_options(), "backpressure_config": backpressure}
 
 
+class EncoderConfig(ScalingConfig):
+    """The encoder deployment of each model that `encoder: shared` retrievers use (actors/encoder.py)."""
+
+    ray_actor_options: ActorOptions = ActorOptions(num_cpus=1.0)
+    max_ongoing_requests: int = 64
+    batch: BatchConfig = BatchConfig(max_batch_size=256, batch_wait_timeout_s=0.0)
+
+
 class AppConfig(_Strict):
     app_name: str = Field("ragfan", pattern=r"^[A-Za-z0-9_-]+$")
     enabled: bool = Field(True, description="false: answer every search at once, empty, loading nothing")
@@ -234,6 +259,7 @@ class AppConfig(_Strict):
     max_query_chars: int = Field(8192, ge=1)
     fusion: FusionConfig = FusionConfig()
     gateway: GatewayConfig = GatewayConfig()
+    encoder: EncoderConfig = EncoderConfig()
     retrievers: list[RetrieverConfig] = Field(min_length=1)
 
     @field_validator("retrievers")
@@ -245,6 +271,9 @@ class AppConfig(_Strict):
             raise ValueError(f"retriever names must be unique; repeated: {', '.join(dupes)}")
         if "gateway" in names:
             raise ValueError("'gateway' is reserved for the ingress deployment")
+        taken = sorted(n for n in names if n == "encoder" or n.startswith("encoder-"))
+        if taken:
+            raise ValueError(f"names starting with 'encoder' are reserved for encoder deployments: {', '.join(taken)}")
         return retrievers
 
     @property
@@ -253,6 +282,11 @@ class AppConfig(_Strict):
 
     def retriever(self, name: str) -> RetrieverConfig:
         return next(r for r in self.retrievers if r.name == name)
+
+    @property
+    def shared_models(self) -> list[str]:
+        """The models that need an encoder deployment, in the order retrievers name them."""
+        return list(dict.fromkeys(r.model for r in self.retrievers if r.shared_encoder))
 
 
 def _format(exc: ValidationError, source: str) -> str:

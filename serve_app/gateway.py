@@ -10,7 +10,6 @@ import asyncio
 import logging
 import math
 import time
-from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,15 +18,16 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from actors.shards import merge as merge_shards
-from actors.types import Unavailable
+from actors.encoder import encoder_name
 from serve_app import __version__, guard
 from serve_app.breaker import CircuitBreaker
-from serve_app.config import AppConfig, RetrieverConfig
+from serve_app.config import AppConfig
 from serve_app.errors import InvalidRequest, NoRetrieverAvailable
-from serve_app.fanout import MAX_ERROR_CHARS, Call, Outcome, call_with_deadline, fan_out
+from serve_app.fanout import Call, Outcome, fan_out
 from serve_app.fusion import fuse
+from serve_app.lanes import CIRCUIT_OPEN, EncoderLane, RetrieverLane, slots
 from serve_app.schemas import (
+    EncoderInfo,
     ErrorResponse,
     FusionOptions,
     Result,
@@ -41,7 +41,6 @@ from serve_app.schemas import (
 
 logger = logging.getLogger("ray.serve")
 DESCRIBE_TIMEOUT_S = 5.0
-CIRCUIT_OPEN = "circuit open"
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "API keys are on and the request has no valid one"},
     413: {"model": ErrorResponse, "description": "the body is over gateway.max_body_bytes"},
@@ -98,6 +97,11 @@ def validate(request: SearchRequest, config: AppConfig) -> list[str]:
     return list(dict.fromkeys(selected))
 
 
+def _most_replicas(scaling: Any) -> int:
+    """The replicas a deployment may have: its fixed count, or its autoscaling maximum."""
+    return (scaling.autoscaling_config or {}).get("max_replicas", scaling.num_replicas or 1)
+
+
 def _describe_all(parts: list[Outcome]) -> Outcome:
     """One retriever's description from its deployments: itself, or each shard of it."""
     if len(parts) == 1:
@@ -147,16 +151,39 @@ class Gateway:
         self,
         config: AppConfig,
         retrievers: dict[str, list[DeploymentHandle]],
+        encoders: dict[str, DeploymentHandle] | None = None,
         *,
         api_key_digests: tuple[bytes, ...] = (),
     ) -> None:
         self.config = config
         self.handles = retrievers  # one handle per retriever, or one per shard of a sharded one
+        self.encoder_handles = encoders or {}  # model -> its encoder deployment
         self.weights = {r.name: r.weight for r in config.retrievers}
-        cb = {r.name: r.circuit_breaker for r in config.retrievers}
-        self.breakers = {n: CircuitBreaker(failures=c.failures, cooldown_s=c.cooldown_s) for n, c in cb.items()}
-        self.in_flight = dict.fromkeys(config.names, 0)
-        self.last_problem: dict[str, str | None] = dict.fromkeys(config.names)
+        enc = config.encoder
+        self.encoders = {
+            model: EncoderLane(model, handle, max_batch_size=enc.batch.max_batch_size,
+                               max_concurrent=slots(enc.batch.max_concurrent_batches, _most_replicas(enc)))
+            for model, handle in self.encoder_handles.items()
+        }
+        self.lanes = {
+            r.name: RetrieverLane(
+                r.name,
+                retrievers.get(r.name, []),
+                top_k=r.top_k,
+                timeout_ms=r.timeout_ms,
+                filter_keys=r.filter_keys,
+                max_in_flight=r.max_in_flight,
+                breaker=CircuitBreaker(failures=r.circuit_breaker.failures, cooldown_s=r.circuit_breaker.cooldown_s),
+                batcher_options={
+                    "max_batch_size": r.batch.max_batch_size,
+                    "max_concurrent": slots(r.batch.max_concurrent_batches, _most_replicas(r)),
+                    "wait_s": r.batch.batch_wait_timeout_s,
+                },
+                encoder=self.encoders.get(r.model) if r.shared_encoder else None,
+                vector_optional=r.kind == "graph",
+            )
+            for r in config.retrievers
+        }
         guard.configure(max_body_bytes=config.gateway.max_body_bytes, key_digests=api_key_digests)
 
     async def search(self, request: SearchRequest | dict[str, Any]) -> SearchResponse:
@@ -176,7 +203,7 @@ class Gateway:
                 degraded=False,
                 latency_ms=_ms(started),
             )
-        answers = await asyncio.gather(*(self._guarded(name, request) for name in selected))
+        answers = await self._fan_out(request, selected)
         outcomes = {o.name: o for o in answers}
         ok = {name: o.value for name, o in outcomes.items() if o.status == "ok"}
         statuses = {
@@ -190,7 +217,7 @@ class Gateway:
             " ".join(f"{n}={s.status}/{s.latency_ms:.0f}ms" for n, s in statuses.items() if s.status != "skipped"),
         )
         if not ok:
-            retry = [self.breakers[n].retry_in_s() for n, o in outcomes.items() if o.error == CIRCUIT_OPEN]
+            retry = [self.lanes[n].breaker.retry_in_s() for n, o in outcomes.items() if o.error == CIRCUIT_OPEN]
             raise NoRetrieverAvailable(
                 "no selected retriever answered",
                 {name: {"status": o.status, "error": o.error} for name, o in outcomes.items()},
@@ -221,75 +248,35 @@ class Gateway:
             latency_ms=total,
         )
 
-    async def _guarded(self, name: str, request: SearchRequest) -> Outcome:
-        """One retriever's call, behind its circuit breaker and its bound on calls in flight."""
-        cfg = self.config.retriever(name)
-        limit = cfg.max_in_flight
-        if self.in_flight[name] >= limit:
-            return Outcome(name, "skipped", error=f"{limit} calls already in flight")
-        breaker = self.breakers[name]
-        if not breaker.allow():
-            return Outcome(name, "skipped", error=CIRCUIT_OPEN)
-        self.in_flight[name] += 1
+    async def _fan_out(self, request: SearchRequest, selected: list[str]) -> list[Outcome]:
+        """Every selected lane at once; the query is encoded once per model, for all lanes of it."""
+        lanes = [self.lanes[name] for name in selected]
+        encodings: dict[str, asyncio.Task] = {}
+        for lane in lanes:
+            if lane.encoder is not None and lane.encoder.model not in encodings:
+                timeout_ms = max(x.timeout_ms for x in lanes if x.encoder is lane.encoder)
+                timeout_s = min(timeout_ms, request.timeout_ms or timeout_ms) / 1000
+                encodings[lane.encoder.model] = asyncio.ensure_future(
+                    lane.encoder.encode(request.query, timeout_s=timeout_s)
+                )
         try:
-            outcome = await self._scatter(name, cfg, request)
-        except asyncio.CancelledError:
-            breaker.release()
-            raise
+            return await asyncio.gather(*(
+                lane.search(request.query, top_k=request.top_k, filters=request.filters,
+                            timeout_ms=request.timeout_ms,
+                            vector=encodings[lane.encoder.model] if lane.encoder is not None else None)
+                for lane in lanes
+            ))
         finally:
-            self.in_flight[name] -= 1
-        if outcome.status == "timeout" and request.timeout_ms is not None and request.timeout_ms < cfg.timeout_ms:
-            breaker.release()  # the caller's own shorter deadline says nothing about the retriever
-            return outcome
-        was = breaker.state
-        breaker.record(outcome.status == "ok")
-        self._note(name, outcome, opened=was != "open" and breaker.state == "open")
-        return outcome
+            for task in encodings.values():
+                if task.done() and not task.cancelled():
+                    task.exception()  # each lane saw it; mark it retrieved
+                task.cancel()
 
-    def _note(self, name: str, outcome: Outcome, *, opened: bool) -> None:
-        """Log a retriever's trouble when it starts or changes, and its recovery; not every request."""
-        problem = None if outcome.status == "ok" else f"{outcome.status}: {outcome.error}"
-        if opened:
-            b = self.breakers[name]
-            logger.warning("retriever %s: circuit open after %d failures in a row; skipping it for %.1f s",
-                           name, b.consecutive_failures, b.cooldown_s)
-        if problem == self.last_problem[name]:
-            return
-        if problem is None:
-            logger.info("retriever %s answers again", name)
-        else:
-            logger.warning("retriever %s degraded the answer: %s", name, problem)
-        self.last_problem[name] = problem
-
-    async def _scatter(self, name: str, cfg: RetrieverConfig, request: SearchRequest) -> Outcome:
-        """Call the retriever, or every shard of it at once, each with the retriever's deadline.
-
-        A sharded retriever answers with the merged top-k of the shards that answered; its
-        `coverage` is the fraction that did, and below 1 the answer is degraded.
-        """
-        timeout_s = min(cfg.timeout_ms, request.timeout_ms or cfg.timeout_ms) / 1000
-        top_k = max(cfg.top_k, request.top_k)
-        filters = {k: v for k, v in (request.filters or {}).items() if k in cfg.filter_keys} or None
-        calls = [
-            call_with_deadline(name, Call(start=partial(h.search.remote, request.query, top_k, filters),
-                                          timeout_s=timeout_s))
-            for h in self.handles[name]
-        ]
-        parts = [
-            Outcome(o.name, "error", o.latency_ms, error=o.value.reason) if isinstance(o.value, Unavailable) else o
-            for o in await asyncio.gather(*calls)
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        answered = [o for o in parts if o.status == "ok"]
-        problems = "; ".join(f"shard {i}: {o.status}: {o.error}" for i, o in enumerate(parts) if o.status != "ok")
-        latency = max(o.latency_ms or 0.0 for o in parts)
-        if not answered:
-            status = "timeout" if all(o.status == "timeout" for o in parts) else "error"
-            return Outcome(name, status, latency, error=problems[:MAX_ERROR_CHARS], coverage=0.0)
-        merged = merge_shards((o.value for o in answered), top_k)
-        return Outcome(name, "ok", latency, value=merged, error=problems[:MAX_ERROR_CHARS] or None,
-                       coverage=round(len(answered) / len(parts), 4))
+    def stats(self) -> dict[str, Any]:
+        """Counts since this replica started: batch sizes sent per lane (`encoder:<model>` for encoders)."""
+        batches = {name: dict(lane.batcher.sizes) for name, lane in self.lanes.items()}
+        batches |= {f"encoder:{model}": dict(lane.batcher.sizes) for model, lane in self.encoders.items()}
+        return {"batches": batches}
 
     async def retrievers(self) -> RetrieversResponse:
         outcomes: dict[str, Outcome] = {}
@@ -312,10 +299,25 @@ class Gateway:
                 healthy=detail is not None and start_error is None,
                 detail=detail,
                 error=DISABLED if o is None else start_error or o.error,
-                circuit=self.breakers[r.name].snapshot(),
-                in_flight=self.in_flight[r.name],
+                circuit=self.lanes[r.name].breaker.snapshot(),
+                in_flight=self.lanes[r.name].in_flight,
             ))
-        return RetrieversResponse(enabled=self.config.enabled, retrievers=infos)
+        return RetrieversResponse(enabled=self.config.enabled, retrievers=infos, encoders=await self._encoders())
+
+    async def _encoders(self) -> list[EncoderInfo]:
+        outcomes = await fan_out({
+            model: Call(start=h.describe.remote, timeout_s=DESCRIBE_TIMEOUT_S)
+            for model, h in self.encoder_handles.items()
+        })
+        infos = []
+        for model, o in outcomes.items():
+            detail = o.value if o.status == "ok" else None
+            error = (detail or {}).get("error") or (None if detail else o.error)
+            infos.append(EncoderInfo(
+                name=encoder_name(model), model=model, healthy=detail is not None and error is None, detail=detail,
+                error=error, used_by=[r.name for r in self.config.retrievers if r.shared_encoder and r.model == model],
+            ))
+        return infos
 
     # -- HTTP ------------------------------------------------------------------------------
     @api.post("/v1/search", response_model=SearchResponse, summary="Search all or some retrievers",

@@ -98,6 +98,16 @@ class RetrieverInfo(BaseModel):
     in_flight: int = Field(0, description="calls this gateway replica has outstanding to the retriever")
 
 
+class EncoderInfo(BaseModel):
+    name: str = Field(description="the encoder deployment: `encoder` for the default model")
+    model: str
+    healthy: bool
+    detail: dict[str, Any] | None = Field(None, description="what the replica reports: model, dim, device")
+    error: str | None = None
+    used_by: list[str] = Field(description="the retrievers whose queries it encodes")
+
+
 class RetrieversResponse(BaseModel):
     enabled: bool
     retrievers: list[RetrieverInfo]
+    encoders: list[EncoderInfo] = []

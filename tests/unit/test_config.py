@@ -102,7 +102,7 @@ def test_spec_carries_kind_specific_parameters(tmp_path):
 def test_batch_options_default_and_bounds():
     raw = {"retrievers": [{"name": "s", "kind": "synthetic", "data": "d.jsonl"}]}
     batch = parse_config(raw, base_dir=Path(".")).retrievers[0].batch
-    assert (batch.max_batch_size, batch.batch_wait_timeout_s, batch.max_concurrent_batches) == (16, 0.01, 1)
+    assert (batch.max_batch_size, batch.batch_wait_timeout_s, batch.max_concurrent_batches) == (32, 0.01, 1)
     raw["retrievers"][0]["batch"] = {"max_concurrent_batches": 0}
     with pytest.raises(ConfigError, match=r"retrievers.0.batch.max_concurrent_batches"):
         parse_config(raw, base_dir=Path("."))

@@ -1,0 +1,85 @@
+"""The query encoder: a model server shared by every retriever that uses the same model.
+
+Without it, each dense retriever (and the graph's entity linking) loads the same model and encodes
+the same query again. With it, the gateway sends each query's text here once, gets one vector, and
+passes it on to every retriever of that model, which then needs no torch at all.
+
+One deployment per distinct model (`encoder` for the default model, `encoder-<hash>` for another).
+Calls carry lists of texts, since the gateway already groups concurrent requests; `@serve.batch`
+merges what several gateway replicas send at the same moment. Put it on a GPU with
+`encoder.ray_actor_options.num_gpus` in the config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from typing import Any
+
+import numpy as np
+import ray
+from ray import serve
+
+from actors.embedder import DEFAULT_MODEL, SentenceTransformerEmbedder, limit_threads, resolve_model
+from actors.errors import RetrieverFailed
+
+logger = logging.getLogger("ray.serve")
+
+
+def encoder_name(model: str) -> str:
+    """The deployment name of a model's encoder: stable, and a valid Serve name for any model path."""
+    if model == DEFAULT_MODEL:
+        return "encoder"
+    return "encoder-" + hashlib.sha256(resolve_model(model)[0].encode()).hexdigest()[:8]
+
+
+@serve.deployment(logging_config={"enable_access_log": False})
+class EncoderDeployment:
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        num_cpus: float = 1.0,
+        max_batch_size: int = 256,
+        batch_wait_timeout_s: float = 0.0,
+    ) -> None:
+        self.model = model
+        self.threads = limit_threads(num_cpus)
+        self.start_error: str | None = None
+        self.embedder: SentenceTransformerEmbedder | None = None
+        try:
+            self.embedder = SentenceTransformerEmbedder(model)
+            self.embedder.encode(["warm-up query"])  # torch's lazy set-up, before the first user's deadline
+            logger.info("encoder for %s ready on %s", self.embedder.name, self.embedder.device)
+        except Exception as exc:
+            # Stay up and say why: the dense retrievers answer `error` with this reason, the rest still answer.
+            self.start_error = f"failed to start: {type(exc).__name__}: {exc}"[:500]
+            logger.error("encoder for %s %s", model, self.start_error)
+        # Built per replica so that config sets the batching knobs.
+        self._encode_batch = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)(
+            self._run_batch
+        )
+
+    async def encode(self, texts: list[str]) -> np.ndarray:
+        """One L2-normalised float32 row per text."""
+        if self.embedder is None:
+            raise RetrieverFailed(f"encoder for {self.model} {self.start_error}")
+        return await self._encode_batch(texts)
+
+    async def _run_batch(self, calls: list[list[str]]) -> list[np.ndarray]:
+        flat = [text for texts in calls for text in texts]
+        # The forward pass holds a thread for milliseconds: keep it off the replica's event loop.
+        vectors = await asyncio.to_thread(self.embedder.encode, flat, batch_size=max(32, len(flat)))
+        out, start = [], 0
+        for texts in calls:
+            out.append(vectors[start : start + len(texts)])
+            start += len(texts)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        base = {"model": resolve_model(self.model)[0], "threads": self.threads,
+                "node_id": ray.get_runtime_context().get_node_id()}
+        if self.embedder is None:
+            return {**base, "error": self.start_error}
+        return {**base, "dim": self.embedder.dim, "device": self.embedder.device}

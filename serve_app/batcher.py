@@ -1,0 +1,139 @@
+"""Group concurrent requests into one downstream call, each request keeping its own deadline.
+
+The gateway keeps one Batcher per retriever and one per encoder. Requests that arrive while the
+downstream is busy wait together and go out as one call; a lone request goes at once:
+
+    submit(q1)  ─ nothing in flight ─────────────►  send([q1])
+    submit(q2)  ┐
+    submit(q3)  ├ a batch in flight: queue ──────►  send([q2, q3, q4])   when a slot frees,
+    submit(q4)  ┘                                                        or the window closes
+
+- At most `max_concurrent` calls are in flight; a free slot with another call already in flight
+  waits up to `wait_s` for the batch to fill (never longer, and never when nothing is in flight).
+- A call carries at most `max_batch_size` items and runs until the latest deadline among them;
+  `send(items, deadline)` gets that deadline (event-loop time) to pace calls of its own.
+- A request whose caller gives up (its own deadline, or cancellation) leaves the queue; when every
+  request of a call in flight has given up, the call is cancelled, which cancels it downstream.
+- `sizes` counts the batch sizes sent, for `ragfan bench` and the stats endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class _Waiter(Generic[T]):
+    item: T
+    deadline: float  # loop.time() by which the caller stops waiting
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Batcher(Generic[T, R]):
+    def __init__(
+        self,
+        send: Callable[[list[T], float], Awaitable[Sequence[R]]],
+        *,
+        max_batch_size: int = 32,
+        max_concurrent: int = 1,
+        wait_s: float = 0.0,
+    ) -> None:
+        if max_batch_size < 1 or max_concurrent < 1 or wait_s < 0:
+            raise ValueError("max_batch_size and max_concurrent must be >= 1, wait_s >= 0")
+        self._send = send
+        self.max_batch_size = max_batch_size
+        self.max_concurrent = max_concurrent
+        self.wait_s = wait_s
+        self._queue: deque[_Waiter[T]] = deque()
+        self._running: set[asyncio.Task] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self.sizes: Counter[int] = Counter()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    async def submit(self, item: T, *, timeout_s: float) -> R:
+        """The answer for `item`; TimeoutError after `timeout_s`, or the call's own error."""
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(item, loop.time() + timeout_s)
+        self._queue.append(waiter)
+        self._schedule()
+        try:
+            async with asyncio.timeout_at(waiter.deadline):
+                return await asyncio.shield(waiter.future)
+        finally:
+            if not waiter.future.done():  # gave up (deadline or cancellation): nobody wants the answer
+                waiter.future.cancel()
+                self._abandoned()
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def _schedule(self) -> None:
+        while self._queue and len(self._running) < self.max_concurrent:
+            self._drop_abandoned()
+            if not self._queue:
+                return
+            full = len(self._queue) >= self.max_batch_size
+            if self._running and not full and self.wait_s > 0:
+                # Another call is in flight, so this one may wait a little for company.
+                if self._timer is None:
+                    self._timer = asyncio.get_running_loop().call_later(self.wait_s, self._window_closed)
+                return
+            self._dispatch()
+
+    def _window_closed(self) -> None:
+        self._timer = None
+        if self._queue and len(self._running) < self.max_concurrent:
+            self._dispatch()
+            self._schedule()
+
+    def _dispatch(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+        self.sizes[len(batch)] += 1
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        task.waiters = batch  # type: ignore[attr-defined]  # read by _abandoned
+        self._running.add(task)
+
+    async def _run(self, batch: list[_Waiter[T]]) -> None:
+        deadline = max(w.deadline for w in batch)
+        try:
+            async with asyncio.timeout_at(deadline):
+                answers = await self._send([w.item for w in batch], deadline)
+            if len(answers) != len(batch):
+                raise RuntimeError(f"{len(answers)} answers for {len(batch)} requests")
+        except asyncio.CancelledError:
+            for w in batch:
+                w.future.cancel()
+            raise
+        except Exception as exc:
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(exc)
+                    w.future.exception()  # retrieved here: a caller that gave up must not log it as lost
+        else:
+            for w, answer in zip(batch, answers, strict=True):
+                if not w.future.done():
+                    w.future.set_result(answer)
+        finally:
+            self._running.discard(asyncio.current_task())
+            self._schedule()
+
+    # -- callers who gave up ----------------------------------------------------------------------
+    def _drop_abandoned(self) -> None:
+        self._queue = deque(w for w in self._queue if not w.future.done())
+
+    def _abandoned(self) -> None:
+        self._drop_abandoned()
+        for task in list(self._running):
+            if all(w.future.done() for w in task.waiters):  # type: ignore[attr-defined]
+                task.cancel()  # nobody waits for this call any more: stop it downstream too
