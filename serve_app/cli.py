@@ -69,11 +69,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bench_p = sub.add_parser("bench", help="latency / QPS / CPU / memory against the in-process designs")
     source = bench_p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--profile", choices=["seed"], help="sleeping retrievers with the old design's latencies")
+    source.add_argument("--profile", choices=["seed", "demo"],
+                        help="seed: sleeping retrievers with the old design's latencies; "
+                             "demo: the embedded default's five retrievers and its demo queries")
     source.add_argument("--dataset", help="real retrievers over a BEIR dataset directory")
     bench_p.add_argument("--concurrency", default="1,8,32,64", help="closed-loop clients, comma-separated")
     bench_p.add_argument("--duration", type=float, default=10.0, help="seconds per (system, concurrency)")
     bench_p.add_argument("--output", help="write the results as JSON here")
+    bench_p.add_argument("--pyspy", type=int, metavar="SECONDS",
+                         help="py-spy every served process for SECONDS (at most --duration) during the c=32 "
+                              "ragfan-handle run, and summarise where each spends its time (needs root)")
+    bench_p.add_argument("--pyspy-output", metavar="FILE", help="write the py-spy summary (markdown) here")
 
     args = parser.parse_args(argv)
     commands = {"serve": serve, "query": query, "ingest": ingest_command, "eval": eval_command, "bench": bench_command}
@@ -265,7 +271,8 @@ def eval_command(args: argparse.Namespace) -> int:
 def bench_command(args: argparse.Namespace) -> int:
     from benchmarks.bench import main as bench_main
 
-    return bench_main(args.profile, args.dataset, args.concurrency, args.duration, args.output)
+    return bench_main(args.profile, args.dataset, args.concurrency, args.duration, args.output,
+                      pyspy=args.pyspy, pyspy_output=args.pyspy_output)
 
 
 # -- query ---------------------------------------------------------------------------------

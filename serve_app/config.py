@@ -247,7 +247,7 @@ class GatewayConfig(ScalingConfig):
 class EncoderConfig(ScalingConfig):
     """The encoder deployment of each model that `encoder: shared` retrievers use (actors/encoder.py)."""
 
-    ray_actor_options: ActorOptions = ActorOptions(num_cpus=1.0)
+    ray_actor_options: ActorOptions = ActorOptions(num_cpus=0.5)
     max_ongoing_requests: int = 64
     batch: BatchConfig = BatchConfig(max_batch_size=256, batch_wait_timeout_s=0.0)
 

@@ -156,12 +156,15 @@ class RetrieverLane:
         try:
             async with asyncio.timeout_at(deadline):
                 encoded = None
-                if vector is not None:
+                if vector is not None and not self.vector_optional:
+                    encoded = await asyncio.shield(vector)  # shared with the other lanes of this model
+                elif vector is not None:
+                    # The graph can answer without a vector, so it waits for one only half its time.
                     try:
-                        encoded = await asyncio.shield(vector)  # shared with the other lanes of this model
-                    except (RetrieverFailed, TimeoutError) as exc:
-                        if not self.vector_optional or isinstance(exc, TimeoutError) and self._past(deadline):
-                            raise
+                        encoded = await asyncio.wait_for(asyncio.shield(vector), (deadline - loop.time()) / 2)
+                    except TimeoutError:
+                        note = "linked entities by name only: the encoder did not answer in time"
+                    except RetrieverFailed as exc:
                         note = f"linked entities by name only: {exc}"
                 waiting_for = self.name
                 query = Query(text=text, top_k=max(self.top_k, top_k), filters=self._own(filters), vector=encoded)
@@ -175,10 +178,6 @@ class RetrieverLane:
             return Outcome(self.name, answer.status, elapsed(), error=answer.problems, coverage=0.0)
         return Outcome(self.name, "ok", elapsed(), value=answer.hits, error=answer.problems or note,
                        coverage=answer.coverage)
-
-    @staticmethod
-    def _past(deadline: float) -> bool:
-        return asyncio.get_running_loop().time() >= deadline
 
     def _own(self, filters: Filters | None) -> Filters | None:
         """The filters that reach this retriever: only the keys it filters on."""

@@ -50,7 +50,7 @@ def cluster(tmp_path_factory):
     port = _free_port()
     # `dense`: what KubeRay's dense worker pods advertise, so the manifest's dense retrievers can be placed
     with serve_env():
-        ray.init(num_cpus=6, resources={"dense": DENSE_UNITS}, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=8, resources={"dense": DENSE_UNITS}, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

@@ -138,3 +138,32 @@ def test_killing_a_retrievers_replicas_during_traffic_loses_no_request(base_url,
     )
     assert codes and all(c == 200 for c in codes), sorted(set(codes))
     assert recovered_s < 30
+
+
+def test_killing_the_encoder_degrades_the_dense_retrievers_while_keyword_and_graph_answer(base_url, http):
+    query = {"query": "vitamin D and multiple sclerosis", "top_k": 5}
+    before = http.post(f"{base_url}/v1/search", json=query).json()
+    assert {n: s["status"] for n, s in before["retrievers"].items()} == dict.fromkeys(before["retrievers"], "ok")
+    victims = replica_actors("ragfan", "encoder")
+    assert victims
+    for actor in victims:
+        ray.kill(actor, no_restart=True)
+
+    r = http.post(f"{base_url}/v1/search", json=query)
+    assert r.status_code == 200
+    body = r.json()
+    statuses = body["retrievers"]
+    print("\nencoder killed:", {n: (s["status"], s["error"]) for n, s in statuses.items()})
+    assert body["degraded"] is True and body["results"]
+    for name in ("corpus", "persona", "domain"):  # their queries need the encoder's vector
+        assert statuses[name]["status"] in {"error", "timeout"}, statuses[name]
+        assert "encoder" in statuses[name]["error"], statuses[name]
+    assert statuses["keyword"]["status"] == "ok"
+    assert statuses["graph"]["status"] == "ok" and "linked entities by name only" in statuses["graph"]["error"]
+    assert statuses["graph"]["num_hits"] > 0  # "multiple sclerosis" and "vitamin D" are entities by name
+
+    def dense_ok_again() -> bool:  # a 503 while corpus's circuit is open; its probes pass once the encoder is back
+        again = http.post(f"{base_url}/v1/search", json={**query, "retrievers": ["corpus"]})
+        return again.status_code == 200 and again.json()["retrievers"]["corpus"]["status"] == "ok"
+
+    print(f"encoder back after {wait_until(dense_ok_again, timeout_s=90):.1f} s")

@@ -69,8 +69,14 @@ def test_retrievers_endpoint_reports_health_and_config(base_url, http):
     assert infos["corpus"]["detail"]["num_docs"] == 500
     assert infos["graph"]["detail"]["num_facts"] > 100
     assert infos["corpus"]["config"]["num_cpus"] == 0.3
-    # no replica asked for a GPU, so every model is on the CPU (num_gpus > 0 would put it on CUDA)
-    assert {infos[n]["detail"]["device"] for n in ("corpus", "persona", "domain")} == {"cpu"}
+    # the dense retrievers hold no model: the shared encoder encodes their queries, on the CPU since it
+    # asked for no GPU (num_gpus > 0 would put it on CUDA)
+    dense = [infos[n]["detail"] for n in ("corpus", "persona", "domain")]
+    assert {(d["encoder"], d["torch_loaded"]) for d in dense} == {("shared", False)}
+    assert infos["graph"]["detail"]["torch_loaded"] is False and infos["keyword"]["detail"]["torch_loaded"] is False
+    (encoder,) = r.json()["encoders"]
+    assert encoder["healthy"] and encoder["detail"]["device"] == "cpu" and encoder["detail"]["dim"] == 384
+    assert encoder["used_by"] == ["corpus", "graph", "persona", "domain"]
     assert all(i["circuit"]["state"] == "closed" for i in infos.values())
 
 

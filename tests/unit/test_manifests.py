@@ -206,7 +206,7 @@ def test_the_raycluster_is_the_rayservice_cluster(cluster_spec):
 def _comparable(config: AppConfig) -> dict[str, Any]:
     """What must not differ from the embedded default: all but placement and scaling."""
     dump = config.model_dump()
-    for r in [*dump["retrievers"], dump["gateway"]]:
+    for r in [*dump["retrievers"], dump["gateway"], dump["encoder"]]:
         r["ray_actor_options"].pop("resources")
         for key in ("num_replicas", "autoscaling_config"):
             r.pop(key)
@@ -262,7 +262,9 @@ def _pod(group: dict[str, Any]) -> tuple[float, float]:
 def _replicas(config: AppConfig) -> list[tuple[str, float, int, dict[str, float], int]]:
     """(name, num_cpus, memory, custom resources, replicas at the most) per deployment."""
     out = []
-    for name, scaling in [("gateway", config.gateway), *((r.name, r) for r in config.retrievers)]:
+    deployments = [("gateway", config.gateway), *((r.name, r) for r in config.retrievers)]
+    deployments += [(f"encoder of {model}", config.encoder) for model in config.shared_models]
+    for name, scaling in deployments:
         opts = scaling.ray_actor_options
         most = (scaling.autoscaling_config or {}).get("max_replicas", scaling.num_replicas or 1)
         out.append((name, opts.num_cpus, opts.memory or 0, opts.resources or {}, most))
