@@ -1,12 +1,29 @@
 """The benchmark's own logic, on retrievers that answer at once (no Ray, no timing asserts)."""
 
 import asyncio
+from dataclasses import asdict
 
 import pytest
 
+from actors.dense import DenseRetriever
+from actors.keyword import KeywordRetriever
 from actors.synthetic import SyntheticRetriever
-from benchmarks.bench import closed_loop, format_table, percentile, targets
-from benchmarks.systems import Sequential, ThreadPoolManager, compute_limit
+from benchmarks.bench import (
+    ServedProbe,
+    batch_sizes_between,
+    closed_loop,
+    compact_histogram,
+    demo_queries,
+    format_table,
+    mean_batch_size,
+    percentile,
+    served_config,
+    targets,
+)
+from benchmarks.profile import parse_raw, summarise, to_markdown
+from benchmarks.resources import busiest, cpu_seconds_by_role, role_of
+from benchmarks.systems import TOP_K, Sequential, ThreadPoolManager, compute_limit
+from tests.unit.fakes import HashingEmbedder
 
 
 @pytest.fixture
@@ -28,6 +45,38 @@ def test_in_process_systems_answer_the_same(retrievers):
     assert compute_limit(retrievers, ["aspirin", "metformin", "p53"], batch=2)[0] == 3
 
 
+def test_compute_limit_encodes_each_chunk_once_per_model(docs):
+    shared, other = HashingEmbedder(), HashingEmbedder(name="other")
+    retrievers = {
+        "corpus": DenseRetriever.from_documents(name="corpus", documents=docs, embedder=shared),
+        "domain": DenseRetriever.from_documents(name="domain", documents=docs, embedder=shared),
+        "persona": DenseRetriever.from_documents(name="persona", documents=docs, embedder=other),
+        "keyword": KeywordRetriever(name="keyword", documents=docs),
+    }
+    shared.calls.clear()
+    other.calls.clear()
+    assert compute_limit(retrievers, ["aspirin", "metformin", "p53", "cancer", "insulin"], batch=2)[0] == 5
+    # One encode per chunk of 2, 2 and 1 queries for each model: not one per retriever.
+    assert shared.calls == [2, 2, 1]
+    assert other.calls == [2, 2, 1]
+
+
+def test_served_retrievers_contribute_the_same_top_k_as_in_process(tmp_path):
+    for profile in ("seed", "dataset", "demo"):
+        assert {r.top_k for r in served_config(profile, tmp_path, batch=32).retrievers} == {TOP_K}
+    demo = served_config("demo", None, batch=32)
+    assert demo.app_name == "ragfan-bench"
+    assert demo.names == ["corpus", "keyword", "graph", "persona", "domain"]
+    assert all(r.timeout_ms == 30_000 and r.data.is_file() for r in demo.retrievers)
+    assert demo.retriever("graph").aliases.is_file()
+
+
+def test_demo_queries_are_the_claims_of_the_bundled_question_set():
+    queries = demo_queries()
+    assert len(queries) == 150
+    assert queries[0] == "0-dimensional biomaterials show inductive properties."
+
+
 def test_closed_loop_keeps_every_client_busy():
     calls = []
 
@@ -40,25 +89,185 @@ def test_closed_loop_keeps_every_client_busy():
     assert set(calls) == {"x", "y"}
 
 
-def run(system, c, p50, qps, p99=None):
+# -- who pays: roles, CPU by role, batch sizes -----------------------------------------------------
+@pytest.mark.parametrize(("title", "role"), [
+    ("ray::ServeReplica:ragfan-bench:gateway", "gateway"),
+    ("ray::ServeReplica:ragfan-bench:dense.handle_request_with_rejection", "dense"),
+    ("ray::ServeReplica:ragfan-bench:corpus-shard0" + " " * 40, "corpus-shard0"),
+    ("ray::ServeReplica:ragfan-bench:keyword ray::ServeReplica:ragfan-bench:keyword", "keyword"),
+    ("ray::ServeReplica:app:e5-v1.5", "e5-v1.5"),
+    ("ray::ProxyActor ray::ProxyActor", "proxy"),
+    ("ray::ServeController.listen_for_change", "controller"),
+    ("py-spy /venv/bin/py-spy record --pid 42", "py-spy"),
+    ("raylet /venv/lib/ray/core/src/ray/raylet/raylet --raylet_socket_name=x", "ray"),
+    ("ray::IDLE", "ray"),
+    ("ray::DashboardAgent", "ray"),
+])
+def test_a_process_role_comes_from_its_title(title, role):
+    assert role_of(title) == role
+
+
+def test_cpu_by_role_counts_each_process_from_its_own_start():
+    before = {1: ("driver", 10.0), 2: ("dense", 2.0), 3: ("dense", 5.0), 4: ("ray", 1.0)}
+    # 3 exited (its last seconds are lost), 5 started (all of its time counts), 4 was idle
+    after = {1: ("driver", 10.5), 2: ("dense", 2.5), 4: ("ray", 1.0), 5: ("dense", 0.25)}
+    assert cpu_seconds_by_role(before, after) == {"dense": 0.75, "driver": 0.5, "ray": 0.0}
+    assert busiest(before) == {"dense": 3, "driver": 1, "ray": 4}
+
+
+def test_batch_sizes_are_the_difference_between_two_stats_answers():
+    before = {"batches": {"dense": {1: 5, 4: 2}, "encoder:default": {8: 1}}}
+    after = {"batches": {"dense": {1: 7, 4: 2, 8: 3}, "encoder:default": {8: 1}, "keyword": {2: 4}}}
+    sizes = batch_sizes_between(before, after)
+    assert sizes == {"dense": {1: 2, 8: 3}, "keyword": {2: 4}}
+    assert mean_batch_size(sizes["dense"]) == 5.2
+    assert compact_histogram({1: 2, 2: 1, 3: 4, 8: 3, 32: 1}) == "1:2 2-3:5 8-15:3 32-63:1"
+
+
+class FakeGateway:
+    """The app handle's `stats.remote()` surface, answering from a list (an exception is raised)."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.calls = 0
+
+    @property
+    def stats(self):
+        return self
+
+    def remote(self):
+        self.calls += 1
+        answer = self.answers.pop(0)
+
+        async def respond():
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+        return respond()
+
+
+async def test_probe_records_cpu_by_role_and_the_batches_that_formed():
+    probe = ServedProbe(FakeGateway([{"batches": {"dense": {4: 1}}}, {"batches": {"dense": {4: 3, 2: 1}}}]))
+    await probe.start()
+    recorded = await probe.stop(requests=10)
+    assert "driver" in recorded["cpu_ms_per_query_by_role"]
+    assert recorded["batch_sizes"] == {"dense": {2: 1, 4: 2}}
+    assert recorded["batch_size_mean"] == {"dense": 3.33}
+
+
+async def test_probe_asks_a_gateway_without_stats_once_and_goes_on():
+    gateway = FakeGateway([AttributeError("no stats")])
+    probe = ServedProbe(gateway)
+    for _ in range(2):
+        await probe.start()
+        recorded = await probe.stop(requests=10)
+        assert "batch_sizes" not in recorded and "driver" in recorded["cpu_ms_per_query_by_role"]
+    assert gateway.calls == 1
+
+
+# -- py-spy summaries ------------------------------------------------------------------------------
+RAW = """\
+<module> (replica.py:1);run (asyncio/base_events.py:600);encode (sentence_transformers/SentenceTransformer.py:512) 5
+<module> (replica.py:1);run (asyncio/base_events.py:600);encode (sentence_transformers/SentenceTransformer.py:530) 1
+<module> (replica.py:1);run (asyncio/base_events.py:600);dumps (ray/_private/serialization.py:80) 3
+<module> (replica.py:1);run (asyncio/base_events.py:610) 1
+py-spy> a line that is not a stack
+"""
+
+
+def test_collapsed_stacks_summarise_into_leaf_frames_and_groups():
+    stacks = parse_raw(RAW)
+    assert sum(stacks.values()) == 10
+    profile = summarise(stacks, pid=7, top=2)
+    assert profile.samples == 10 and profile.pid == 7
+    # line numbers merged: the two encode lines are one leaf with 6 of 10 samples
+    assert profile.leaf == [("encode (sentence_transformers/SentenceTransformer.py)", 60.0),
+                            ("dumps (ray/_private/serialization.py)", 30.0)]
+    assert profile.inclusive == [("query encoding (sentence-transformers, torch)", 60.0),
+                                 ("serialisation (pickle, Ray's serializer, msgpack)", 30.0)]
+
+
+def test_py_spy_summary_is_markdown_per_role():
+    report = {"run": "ragfan-handle c=32", "seconds": 10, "rate": 50, "stacks_dir": "/tmp/x",
+              "roles": {"dense": asdict(summarise(parse_raw(RAW), pid=7)),
+                        "proxy": {"pid": 8, "samples": 0, "leaf": [], "inclusive": [], "error": "no such process"}}}
+    text = to_markdown(report)
+    assert text.startswith("## py-spy: ragfan-handle c=32, 10 s at 50 Hz")
+    assert "### dense (pid 7, 10 samples)" in text
+    assert "| 60.0 | `encode (sentence_transformers/SentenceTransformer.py)` |" in text
+    assert "inclusive: query encoding (sentence-transformers, torch) 60%" in text
+    assert "### proxy (pid 8, 0 samples)\n\nno samples: no such process" in text
+
+
+# -- the report -------------------------------------------------------------------------------------
+def run(system, c, p50, qps, p99=None, **extra):
     return {"system": system, "concurrency": c, "requests": 10, "p50_ms": p50, "p95_ms": p50,
-            "p99_ms": p99 or p50, "qps": qps, "cpu_s_per_query": 0.01, "peak_rss_mb": 100}
+            "p99_ms": p99 or p50, "qps": qps, "cpu_s_per_query": 0.01, "peak_rss_mb": 100, **extra}
 
 
-def test_targets_are_ratios_from_the_same_report():
-    seed = {"profile": "seed", "runs": [run("sequential", 1, 860, 1.1), run("ragfan-handle", 1, 310, 3.2),
-                                        run("threadpool", 64, 9000, 4.6), run("ragfan-handle", 64, 900, 50)]}
-    lines = targets(seed)
-    assert "[met] c=1 p50 <= 315 ms: 310 ms" in lines[1]
-    assert "[met] c=1 speedup over sequential >= 2.7x: 2.77x" in lines[2]
-    assert "[met] c=64 QPS >= 10x threadpool: 10.9x" in lines[3]
-    real = {"dataset": "d", "runs": [run("single:dense", 1, 20, 50), run("single:keyword", 1, 5, 150),
-                                     run("ragfan-handle", 1, 35, 28), run("ragfan-handle", 32, 100, 90, p99=400),
-                                     run("threadpool", 32, 300, 80), run("compute-limit", 256, None, 120),
-                                     run("ragfan-handle-batch1", 32, 300, 45)]}
-    text = format_table(real)
-    assert "[MISSED] c=1 p50 <= slowest single p50 + 10 ms: 35 ms vs 20 ms" in text
-    assert "[MISSED] c=32 QPS >= 1.5x threadpool: 1.12x" in text
-    assert "[met] c=32 QPS >= 50% of compute-limit: 75%" in text
-    assert "[MISSED] c=32 p99 <= 3x p50: 4.00x" in text
-    assert "dynamic batching at c=32: 2.00x the QPS of batch size 1" in text
+def test_targets_say_when_none_was_measured():
+    assert targets({"profile": "seed", "runs": [run("ragfan-handle", 8, 308, 3.2)]}) == [
+        "targets: none measured at these concurrencies"]
+
+
+def test_seed_targets():
+    seed = {"profile": "seed", "runs": [run("ragfan-handle", 1, 308, 3.2), run("threadpool", 64, 9000, 4.6),
+                                        run("ragfan-handle", 64, 900, 50)]}
+    assert targets(seed) == ["targets:",
+                             "  [met] c=1 ragfan-handle p50 <= 310 ms (aim 305): 308 ms (aim missed)",
+                             "  [met] c=64 ragfan-handle QPS >= 10x threadpool: 10.9x"]
+
+
+def test_dataset_targets_are_ratios_from_the_same_report():
+    real = {"dataset": "d", "runs": [
+        run("threadpool", 1, 27, 37), run("ragfan-http", 1, 45, 22), run("single:dense", 1, 20, 50),
+        run("single:keyword", 1, 5, 150), run("ragfan-handle", 1, 24, 28), run("ragfan-handle", 32, 100, 90, p99=400),
+        run("threadpool", 32, 300, 50), run("ragfan-http", 32, 300, 70), run("compute-limit", 256, None, 120),
+        run("ragfan-handle-batch1", 32, 300, 45)]}
+    assert targets(real) == [
+        "targets:",
+        "  [met] c=32 ragfan-handle QPS >= 1.5x threadpool (aim 2x): 1.80x (90 vs 50 QPS) (aim missed)",
+        "  [met] c=32 ragfan-handle QPS >= 50% of compute-limit (aim 70%): 75% (aim met)",
+        "  [met] c=32 ragfan-http QPS >= 1.2x threadpool (aim 1.5x): 1.40x (aim missed)",
+        "  [met] c=1 ragfan-handle p50 <= slowest single p50 + 10 ms (aim +5): 24 ms vs 20 ms (single:dense), +4.0 ms"
+        " (aim met)",
+        "  [MISSED] c=1 ragfan-http p50 <= threadpool p50 + 15 ms (aim +8): 45 ms vs 27 ms, +18.0 ms (aim missed)",
+        "  [MISSED] c=32 ragfan-handle p99 <= 3x p50: 4.00x",
+        "  dynamic batching at c=32: 2.00x the QPS of batch size 1",
+    ]
+
+
+def test_demo_targets_report_the_ratio_and_the_served_footprint():
+    demo = {"profile": "demo", "rss_at_rest_mb": 3000, "rss_at_rest_mb_by_role": {"driver": 700, "dense": 2300},
+            "runs": [run("threadpool", 32, 300, 20), run("ragfan-handle", 32, 200, 30), run("threadpool", 1, 50, 20),
+                     run("ragfan-http", 1, 55, 18), run("ragfan-handle", 1, 52, 19), run("single:graph", 1, 45, 22)]}
+    assert targets(demo) == [
+        "targets:",
+        "  [reported] c=32 ragfan-handle QPS vs threadpool (aim >= 2x): 1.50x (30 vs 20 QPS) (aim missed)",
+        "  [met] c=1 ragfan-handle p50 <= slowest single p50 + 10 ms (aim +5): 52 ms vs 45 ms (single:graph), +7.0 ms"
+        " (aim missed)",
+        "  [met] c=1 ragfan-http p50 <= threadpool p50 + 15 ms (aim +8): 55 ms vs 50 ms, +5.0 ms (aim met)",
+        "  [met] RSS at rest of the served app (tree less the bench driver) <= 2800 MB (aim 2000): 2,300 MB"
+        " (driver 700 MB more) (aim missed)",
+    ]
+
+
+def test_table_shows_cpu_by_role_batch_sizes_and_rss_at_rest():
+    served = {"cpu_ms_per_query_by_role": {"driver": 1.5, "gateway": 2.25, "ray": 0.5},
+              "batch_sizes": {"dense": {1: 2, 8: 3}}, "batch_size_mean": {"dense": 5.2}}
+    report = {"dataset": "d", "rss_at_rest_mb": 2500, "rss_at_rest_mb_by_role": {"dense": 1500, "driver": 1000},
+              "runs": [run("compute-limit", 256, None, 120), run("ragfan-handle", 8, 50, 80, **served),
+                       run("ragfan-handle", 32, 100, 90, **served),
+                       run("ragfan-http", 32, 120, 70, cpu_ms_per_query_by_role={"proxy": 3.0}),
+                       run("ragfan-handle-batch1", 64, 300, 45, cpu_ms_per_query_by_role={"proxy": 1.0})]}
+    lines = format_table(report).splitlines()
+    assert lines[1].split()[:6] == ["compute-limit", "256", "10", "-", "-", "-"]
+    header = next(line for line in lines if line.startswith("CPU ms/query, c=32"))
+    assert header.split()[-2:] == ["ragfan-handle", "ragfan-http"]
+    assert next(line for line in lines if line.startswith("gateway")).split() == ["gateway", "2.25", "0.00"]
+    assert next(line for line in lines if line.startswith("proxy")).split() == ["proxy", "0.00", "3.00"]
+    assert next(line for line in lines if line.startswith("sum")).split() == ["sum", "4.25", "3.00"]
+    assert lines.count("batch sizes, ragfan-handle c=8: lane, mean, batches by size") == 1
+    assert "  dense                            5.20   1:2 8-15:3" in lines
+    assert "RSS at rest after start: 2,500 MB (dense 1,500, driver 1,000)" in lines
