@@ -162,27 +162,17 @@ def _load_graph_vectors(directory: Path, manifest: Mapping[str, Any]) -> tuple[n
     return np.load(directory / "entities.npy"), np.load(directory / "facts.npy")
 
 
-def missing_build(spec: RetrieverSpec) -> Path | None:
-    """The directory that must be embedded before this retriever can start without a model, if any."""
-    if spec.kind == "dense" and spec.data is not None:
-        target = dense_index_dir(spec)
-    elif spec.kind == "graph" and spec.shared_encoder:
-        target = graph_vectors_dir(spec)
-    else:
-        return None
-    return None if (target / "manifest.json").is_file() else target
-
-
 def build_missing(spec: RetrieverSpec, encode: Encode) -> bool:
-    """Embed what `missing_build` names, with `encode` (a pool of Ray actors in `ragfan serve`)."""
-    if missing_build(spec) is None:
-        return False
-    if spec.kind == "dense":
+    """Embed, with `encode`, what this retriever needs and the cache lacks: its dense index, or a
+    shared-encoder graph's vectors. Returns whether anything was built."""
+    if spec.kind == "dense" and spec.data is not None:
         sha = sha256_file(Path(spec.data))
-        load_or_build(dense_index_dir(spec, sha), build=_dense_build(spec, sha, encode), load=lambda d, m: None)
+        target, build = dense_index_dir(spec, sha), _dense_build(spec, sha, encode)
+    elif spec.kind == "graph" and spec.shared_encoder:
+        target, build = graph_vectors_dir(spec), _graph_vectors_build(spec, encode)
     else:
-        load_or_build(graph_vectors_dir(spec), build=_graph_vectors_build(spec, encode), load=lambda d, m: None)
-    return True
+        return False
+    return load_or_build(target, build=build, load=lambda d, m: None)[1]
 
 
 # -- opening ----------------------------------------------------------------------------------

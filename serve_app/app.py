@@ -112,17 +112,15 @@ def prepare_indexes(config: AppConfig, *, progress: bool = True) -> None:
     Replicas would build what is missing too, but one at a time, each loading the model. Starts a
     local Ray cluster if none is running.
     """
-    from actors.factory import build_missing, missing_build
+    from actors.factory import build_missing
     from actors.ingest import EmbedPool
 
     if not config.enabled:
         return
     broken = file_problems(config)
-    todo = [spec for r in config.retrievers if r.name not in broken for spec in r.specs(config.cache_dir)
-            if missing_build(spec) is not None]
-    pools: dict[str, EmbedPool] = {}
+    pools: dict[str, EmbedPool] = {}  # its actors start on the first text to embed, not before
     try:
-        for spec in todo:
+        for spec in (s for r in config.retrievers if r.name not in broken for s in r.specs(config.cache_dir)):
             if spec.model not in pools:
                 pools[spec.model] = EmbedPool(spec.model, progress=progress)
             build_missing(spec, pools[spec.model].encode)

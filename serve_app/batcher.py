@@ -52,7 +52,7 @@ class Batcher(Generic[T, R]):
         self.max_concurrent = max_concurrent
         self.wait_s = wait_s
         self._queue: deque[_Waiter[T]] = deque()
-        self._running: set[asyncio.Task] = set()
+        self._running: dict[asyncio.Task, list[_Waiter[T]]] = {}  # each call in flight, and whom it answers
         self._timer: asyncio.TimerHandle | None = None
         self.sizes: Counter[int] = Counter()
 
@@ -100,9 +100,7 @@ class Batcher(Generic[T, R]):
             self._timer = None
         batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
         self.sizes[len(batch)] += 1
-        task = asyncio.get_running_loop().create_task(self._run(batch))
-        task.waiters = batch  # type: ignore[attr-defined]  # read by _abandoned
-        self._running.add(task)
+        self._running[asyncio.get_running_loop().create_task(self._run(batch))] = batch
 
     async def _run(self, batch: list[_Waiter[T]]) -> None:
         deadline = max(w.deadline for w in batch)
@@ -125,7 +123,7 @@ class Batcher(Generic[T, R]):
                 if not w.future.done():
                     w.future.set_result(answer)
         finally:
-            self._running.discard(asyncio.current_task())
+            self._running.pop(asyncio.current_task(), None)
             self._schedule()
 
     # -- callers who gave up ----------------------------------------------------------------------
@@ -134,6 +132,6 @@ class Batcher(Generic[T, R]):
 
     def _abandoned(self) -> None:
         self._drop_abandoned()
-        for task in list(self._running):
-            if all(w.future.done() for w in task.waiters):  # type: ignore[attr-defined]
+        for task, batch in list(self._running.items()):
+            if all(w.future.done() for w in batch):
                 task.cancel()  # nobody waits for this call any more: stop it downstream too

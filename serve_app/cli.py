@@ -115,18 +115,12 @@ def serve(args: argparse.Namespace) -> int:
     if own_cluster:
         # Enough logical CPUs for every replica at its maximum, and the custom resources the config
         # asks for (a cluster config's `dense: 1`, say): on one machine, this node offers them all.
-        most = {
-            r.name: (r.autoscaling_config or {}).get("max_replicas", r.num_replicas or 1) for r in config.retrievers
-        }
-        enc = config.encoder
-        needed = config.gateway.ray_actor_options.num_cpus + sum(
-            r.ray_actor_options.num_cpus * most[r.name] for r in config.retrievers
-        ) + len(config.shared_models) * enc.ray_actor_options.num_cpus * (
-            (enc.autoscaling_config or {}).get("max_replicas", enc.num_replicas or 1))
+        deployments = [config.gateway, *config.retrievers, *[config.encoder] * len(config.shared_models)]
+        needed = sum(d.ray_actor_options.num_cpus * d.most_replicas for d in deployments)
         custom: dict[str, float] = {}
-        for r in config.retrievers:
-            for key, amount in (r.ray_actor_options.resources or {}).items():
-                custom[key] = custom.get(key, 0.0) + amount * most[r.name]
+        for d in deployments:
+            for key, amount in (d.ray_actor_options.resources or {}).items():
+                custom[key] = custom.get(key, 0.0) + amount * d.most_replicas
         with serve_env():
             ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), resources=custom or None,
                      include_dashboard=False)

@@ -98,6 +98,11 @@ class ScalingConfig(_Strict):
         -1, ge=-1, description="requests callers may queue for this deployment before Serve rejects them; -1: no limit"
     )
 
+    @property
+    def most_replicas(self) -> int:
+        """The replicas this deployment may have: its fixed count, or its autoscaling maximum."""
+        return (self.autoscaling_config or {}).get("max_replicas", self.num_replicas or 1)
+
     def serve_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
             "max_ongoing_requests": self.max_ongoing_requests,

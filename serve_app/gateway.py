@@ -97,11 +97,6 @@ def validate(request: SearchRequest, config: AppConfig) -> list[str]:
     return list(dict.fromkeys(selected))
 
 
-def _most_replicas(scaling: Any) -> int:
-    """The replicas a deployment may have: its fixed count, or its autoscaling maximum."""
-    return (scaling.autoscaling_config or {}).get("max_replicas", scaling.num_replicas or 1)
-
-
 def _describe_all(parts: list[Outcome]) -> Outcome:
     """One retriever's description from its deployments: itself, or each shard of it."""
     if len(parts) == 1:
@@ -162,7 +157,7 @@ class Gateway:
         enc = config.encoder
         self.encoders = {
             model: EncoderLane(model, handle, max_batch_size=enc.batch.max_batch_size,
-                               max_concurrent=slots(enc.batch.max_concurrent_batches, _most_replicas(enc)))
+                               max_concurrent=slots(enc.batch.max_concurrent_batches, enc.most_replicas))
             for model, handle in self.encoder_handles.items()
         }
         self.lanes = {
@@ -176,7 +171,7 @@ class Gateway:
                 breaker=CircuitBreaker(failures=r.circuit_breaker.failures, cooldown_s=r.circuit_breaker.cooldown_s),
                 batcher_options={
                     "max_batch_size": r.batch.max_batch_size,
-                    "max_concurrent": slots(r.batch.max_concurrent_batches, _most_replicas(r)),
+                    "max_concurrent": slots(r.batch.max_concurrent_batches, r.most_replicas),
                     "wait_s": r.batch.batch_wait_timeout_s,
                 },
                 encoder=self.encoders.get(r.model) if r.shared_encoder else None,

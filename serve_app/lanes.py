@@ -212,11 +212,8 @@ class RetrieverLane:
         ]
 
     async def _call_one(self, handle: Any, queries: list[Query], deadline: float | None = None) -> list[list[Hit]]:
-        if deadline is None:
+        async with asyncio.timeout_at(deadline):  # None: the batcher's deadline for the whole call bounds it
             answer = await _await_cancelling(handle.search.remote(queries))
-        else:
-            async with asyncio.timeout_at(deadline):
-                answer = await _await_cancelling(handle.search.remote(queries))
         if isinstance(answer, Unavailable):  # the replica is up, but its retriever failed to start
             raise RetrieverFailed(answer.reason)
         return answer

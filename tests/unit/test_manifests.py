@@ -266,8 +266,7 @@ def _replicas(config: AppConfig) -> list[tuple[str, float, int, dict[str, float]
     deployments += [(f"encoder of {model}", config.encoder) for model in config.shared_models]
     for name, scaling in deployments:
         opts = scaling.ray_actor_options
-        most = (scaling.autoscaling_config or {}).get("max_replicas", scaling.num_replicas or 1)
-        out.append((name, opts.num_cpus, opts.memory or 0, opts.resources or {}, most))
+        out.append((name, opts.num_cpus, opts.memory or 0, opts.resources or {}, scaling.most_replicas))
     return out
 
 
