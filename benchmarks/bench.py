@@ -254,10 +254,15 @@ def _app_config(profile: str, artifacts: Path | None, batch: int) -> dict[str, A
     }
 
 
-def served_config(profile: str, artifacts: Path | None, batch: int) -> AppConfig:
+def served_config(profile: str, artifacts: Path | None, batch: int, encoder: str = "shared") -> AppConfig:
+    """`encoder`: where the served dense and graph retrievers encode queries, `shared` or `local`."""
+    raw = _app_config(profile, artifacts, batch)
+    for r in raw["retrievers"]:
+        if r["kind"] in ("dense", "graph"):
+            r["encoder"] = encoder
     # The demo's data paths are relative to its config file, as `load_config` resolves them.
     base_dir = DEFAULT_CONFIG.parent if profile == "demo" else Path(".")
-    return parse_config(_app_config(profile, artifacts, batch), base_dir=base_dir)
+    return parse_config(raw, base_dir=base_dir)
 
 
 class ServedRuns:
@@ -378,14 +383,14 @@ class Workload(NamedTuple):
     batch1_config: AppConfig | None  # the same app with batch size 1, where the bench compares the two
 
 
-def workload(profile: str | None, dataset: str | None) -> Workload:
+def workload(profile: str | None, dataset: str | None, encoder: str = "shared") -> Workload:
     """The retrievers, queries and served app of a profile or dataset, built before Ray starts."""
     if (profile is None) == (dataset is None):
         raise ValueError("give exactly one of --profile seed|demo and --dataset DIR")
     if profile == "seed":
-        return Workload(seed_retrievers(DEMO_CORPUS), SEED_QUERIES, served_config("seed", None, 32), None)
+        return Workload(seed_retrievers(DEMO_CORPUS), SEED_QUERIES, served_config("seed", None, 32, encoder), None)
     if profile == "demo":
-        return Workload(demo_retrievers(load_config()), demo_queries(), served_config("demo", None, 32), None)
+        return Workload(demo_retrievers(load_config()), demo_queries(), served_config("demo", None, 32, encoder), None)
     import ray
 
     from actors.index import default_cache_dir
@@ -398,11 +403,11 @@ def workload(profile: str | None, dataset: str | None) -> Workload:
     ingest(path / "corpus.jsonl", artifacts, kinds=("dense", "keyword"))  # reuses what eval built
     ray.shutdown()  # ingest may have started Ray; the in-process systems run without it
     return Workload(dataset_retrievers(artifacts), list(queries_by_id.values()),
-                    served_config("dataset", artifacts, 32), served_config("dataset", artifacts, 1))
+                    served_config("dataset", artifacts, 32, encoder), served_config("dataset", artifacts, 1, encoder))
 
 
 def run_bench(*, profile: str | None, dataset: str | None, concurrencies: Sequence[int], duration_s: float,
-              port: int = 8123, pyspy_s: float | None = None) -> dict[str, Any]:
+              port: int = 8123, pyspy_s: float | None = None, encoder: str = "shared") -> dict[str, Any]:
     import ray
     from ray import serve
 
@@ -410,7 +415,7 @@ def run_bench(*, profile: str | None, dataset: str | None, concurrencies: Sequen
 
     if pyspy_s:
         py_spy()  # before minutes of work, not after
-    work = workload(profile, dataset)
+    work = workload(profile, dataset, encoder)
     names = list(work.retrievers)
     total = 4 * len(concurrencies) + 1 + len(names) + (work.batch1_config is not None)
     with tqdm(total=total, desc="bench", unit="run") as bar:
@@ -426,7 +431,7 @@ def run_bench(*, profile: str | None, dataset: str | None, concurrencies: Sequen
             serve.shutdown()
             ray.shutdown()
     source = {"profile": profile} if profile else {"dataset": str(dataset)}
-    return {"machine": machine(), "versions": versions(), **source, "duration_s": duration_s,
+    return {"machine": machine(), "versions": versions(), **source, "encoder": encoder, "duration_s": duration_s,
             "runs": runs + served.runs, **served.extra}
 
 
@@ -591,10 +596,10 @@ def _rss_target(report) -> list[str]:
 
 
 def main(profile: str | None, dataset: str | None, concurrency: str, duration: float, output: str | None, *,
-         pyspy: float | None = None, pyspy_output: str | None = None) -> int:
+         pyspy: float | None = None, pyspy_output: str | None = None, encoder: str = "shared") -> int:
     concurrencies = [int(c) for c in concurrency.split(",") if c.strip()]
     report = run_bench(profile=profile, dataset=dataset, concurrencies=concurrencies, duration_s=duration,
-                       pyspy_s=pyspy)
+                       pyspy_s=pyspy, encoder=encoder)
     print(format_table(report))
     if "pyspy" in report:
         summary = to_markdown(report["pyspy"])

@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          help="py-spy every served process for SECONDS (at most --duration) during the c=32 "
                               "ragfan-handle run, and summarise where each spends its time (needs root)")
     bench_p.add_argument("--pyspy-output", metavar="FILE", help="write the py-spy summary (markdown) here")
+    bench_p.add_argument("--encoder", choices=["shared", "local"], default="shared",
+                         help="the served dense and graph retrievers encode queries on the shared encoder "
+                              "deployment (default) or each with a model of its own, to compare the two")
 
     args = parser.parse_args(argv)
     commands = {"serve": serve, "query": query, "ingest": ingest_command, "eval": eval_command, "bench": bench_command}
@@ -266,7 +269,7 @@ def bench_command(args: argparse.Namespace) -> int:
     from benchmarks.bench import main as bench_main
 
     return bench_main(args.profile, args.dataset, args.concurrency, args.duration, args.output,
-                      pyspy=args.pyspy, pyspy_output=args.pyspy_output)
+                      pyspy=args.pyspy, pyspy_output=args.pyspy_output, encoder=args.encoder)
 
 
 # -- query ---------------------------------------------------------------------------------

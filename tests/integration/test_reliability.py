@@ -260,7 +260,7 @@ def test_killing_retriever_and_gateway_replicas_under_load_loses_no_request(guar
                 r = client.search("vitamin d cancer risk", retrievers=["steady", "steady2"])
                 handle_outcomes.append("ok" if r.results else "empty")
             except Exception as exc:
-                handle_outcomes.append(f"{type(exc).__name__}: {exc}"[:300])
+                handle_outcomes.append(f"{type(exc).__name__}: {exc} {getattr(exc, 'reasons', '')}"[:400])
 
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(loop) for loop in (http_loop, http_loop, handle_loop, handle_loop)]
