@@ -20,6 +20,7 @@ downstream is busy wait together and go out as one call; a lone request goes at 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,16 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def now() -> float:
+    """The event loop's clock, read fresh: deadlines are set on it.
+
+    Ray Serve replicas run uvloop, whose `loop.time()` is the same monotonic clock cut to whole
+    milliseconds and read once per loop iteration, so a deadline counted from it can fire a
+    millisecond or more before its time has really passed. `time.monotonic()` is that clock unrounded.
+    """
+    return time.monotonic()
 
 
 @dataclass(slots=True)
@@ -62,8 +73,7 @@ class Batcher(Generic[T, R]):
 
     async def submit(self, item: T, *, timeout_s: float) -> R:
         """The answer for `item`; TimeoutError after `timeout_s`, or the call's own error."""
-        loop = asyncio.get_running_loop()
-        waiter = _Waiter(item, loop.time() + timeout_s)
+        waiter = _Waiter(item, now() + timeout_s)
         self._queue.append(waiter)
         self._schedule()
         try:

@@ -25,7 +25,7 @@ import numpy as np
 from actors.errors import RetrieverFailed
 from actors.shards import merge as merge_shards
 from actors.types import Filters, Hit, Query, Unavailable
-from serve_app.batcher import Batcher
+from serve_app.batcher import Batcher, now
 from serve_app.breaker import CircuitBreaker
 from serve_app.fanout import MAX_ERROR_CHARS, Outcome, describe_error
 
@@ -143,15 +143,14 @@ class RetrieverLane:
         return outcome
 
     async def _call(self, text, top_k, filters, timeout_ms, vector) -> Outcome:
-        loop = asyncio.get_running_loop()
-        started = loop.time()  # the loop's clock, the one deadlines fire by
+        started = now()
         timeout_s = min(self.timeout_ms, timeout_ms or self.timeout_ms) / 1000
         deadline = started + timeout_s
         waiting_for = "the encoder"
         note = None
 
         def elapsed() -> float:
-            return round((loop.time() - started) * 1000, 2)
+            return round((now() - started) * 1000, 2)
 
         try:
             async with asyncio.timeout_at(deadline):
@@ -161,14 +160,14 @@ class RetrieverLane:
                 elif vector is not None:
                     # The graph can answer without a vector, so it waits for one only half its time.
                     try:
-                        encoded = await asyncio.wait_for(asyncio.shield(vector), (deadline - loop.time()) / 2)
+                        encoded = await asyncio.wait_for(asyncio.shield(vector), (deadline - now()) / 2)
                     except TimeoutError:
                         note = "linked entities by name only: the encoder did not answer in time"
                     except RetrieverFailed as exc:
                         note = f"linked entities by name only: {exc}"
                 waiting_for = self.name
                 query = Query(text=text, top_k=max(self.top_k, top_k), filters=self._own(filters), vector=encoded)
-                answer = await self.batcher.submit(query, timeout_s=deadline - loop.time())
+                answer = await self.batcher.submit(query, timeout_s=deadline - now())
         except TimeoutError:
             reason = "" if waiting_for == self.name else f" (waiting for {waiting_for})"
             return Outcome(self.name, "timeout", elapsed(), error=f"no answer within {timeout_s * 1000:.0f} ms{reason}")
