@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before the service was up (e.g. while indexing)
         print("\nragfan: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ragfan query ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        return 141
 
 
 # -- serve ---------------------------------------------------------------------------------
