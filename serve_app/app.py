@@ -15,16 +15,39 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from fastapi import FastAPI
 from pydantic import BaseModel
+from ray import serve
 from ray.serve import Application
 
 from actors.deployment import RetrieverDeployment
 from actors.encoder import EncoderDeployment, encoder_name
 from serve_app.config import AppConfig, check_startable, file_problems, load_config
 from serve_app.gateway import Gateway
-from serve_app.guard import digest, load_api_keys
+from serve_app.http import build_api, digest, load_api_keys
 
 logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(logging_config={"enable_access_log": False})
+@serve.ingress()
+class GatewayDeployment(Gateway):
+    """A gateway replica: handle calls reach `search`, `retrievers` and `stats`; HTTP reaches the
+    FastAPI app that `build_api` makes for this replica once it is constructed."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        retrievers: dict[str, list[Any]],
+        encoders: dict[str, Any] | None = None,
+        *,
+        api_key_digests: tuple[bytes, ...] = (),
+    ) -> None:
+        super().__init__(config, retrievers, encoders)
+        self.api_key_digests = api_key_digests
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self, key_digests=self.api_key_digests)
 
 
 # Ray Serve settings every process of a ragfan cluster should run with. They are read when Serve's
@@ -94,7 +117,7 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
                 name=encoder_name(model), ray_actor_options=enc.ray_actor_options.to_ray(), **enc.serve_options()
             ).bind(model, num_cpus=enc.ray_actor_options.num_cpus, max_batch_size=enc.batch.max_batch_size,
                    batch_wait_timeout_s=enc.batch.batch_wait_timeout_s)
-    gateway = Gateway.options(
+    gateway = GatewayDeployment.options(
         name="gateway",
         ray_actor_options=config.gateway.ray_actor_options.to_ray(),
         **config.gateway.serve_options(),

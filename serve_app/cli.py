@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> int:
     from serve_app.app import app_from_config, prepare_indexes, serve_env
     from serve_app.config import check_startable, load_config
-    from serve_app.guard import API_KEYS_ENV, load_api_keys
+    from serve_app.http import API_KEYS_ENV, load_api_keys
 
     config = load_config(args.config)
     for name, problem in check_startable(config).items():

@@ -27,10 +27,11 @@ from actors.shards import merge as merge_shards
 from actors.types import Filters, Hit, Query, Unavailable
 from serve_app.batcher import Batcher, now
 from serve_app.breaker import CircuitBreaker
-from serve_app.fanout import MAX_ERROR_CHARS, Outcome, describe_error
+from serve_app.fanout import MAX_ERROR_CHARS, Call, Outcome, describe_error, fan_out
 
 logger = logging.getLogger("ray.serve")
 CIRCUIT_OPEN = "circuit open"
+DESCRIBE_TIMEOUT_S = 5.0  # how long a health check waits for a replica's description
 # A sharded call stops waiting for slow shards this long before its requests' deadline, so the
 # shards that did answer are merged and reach the requests in time.
 SHARD_MARGIN_S = 0.02
@@ -65,6 +66,10 @@ class EncoderLane:
 
     async def _send(self, texts: list[str], deadline: float) -> np.ndarray:
         return await _await_cancelling(self.handle.encode.remote(texts))
+
+    async def describe(self) -> Outcome:
+        """What the encoder replica reports (model, dim, device), or why it does not answer."""
+        return (await fan_out({self.model: Call(self.handle.describe.remote, DESCRIBE_TIMEOUT_S)}))[self.model]
 
     async def encode(self, text: str, *, timeout_s: float) -> np.ndarray:
         try:
@@ -216,6 +221,23 @@ class RetrieverLane:
         if isinstance(answer, Unavailable):  # the replica is up, but its retriever failed to start
             raise RetrieverFailed(answer.reason)
         return answer
+
+    # -- health -----------------------------------------------------------------------------------
+    async def describe(self) -> Outcome:
+        """What the retriever's replica reports, or each shard's summed up; never raises."""
+        outcomes = await fan_out({
+            str(i): Call(h.describe.remote, DESCRIBE_TIMEOUT_S) for i, h in enumerate(self.handles)
+        })
+        parts = list(outcomes.values())
+        if len(parts) == 1:
+            return parts[0]
+        bad = next((o for o in parts if o.status != "ok"), None)
+        if bad is not None:
+            return Outcome(self.name, bad.status, error=f"shard {bad.name}: {bad.error}")
+        shards = [o.value for o in parts]
+        first_error = next((d["error"] for d in shards if d.get("error")), None)
+        detail = {"num_docs": sum(d.get("num_docs", 0) for d in shards), "shards": shards}
+        return Outcome(self.name, "ok", value={**detail, "error": first_error} if first_error else detail)
 
     def _note(self, outcome: Outcome, *, opened: bool) -> None:
         """Log trouble when it starts or changes, and the recovery; not every request."""

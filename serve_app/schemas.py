@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 FilterValue = str | int | float | bool
-# C0 and C1 control characters, less tab and newlines: never meaningful in a query
-_CONTROL = frozenset(chr(c) for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]) - {"\t", "\n", "\r"}
 Status = Literal["ok", "timeout", "error", "skipped"]
+
+# C0 and C1 control characters and DEL, less tab and newlines, and lone UTF-16 surrogates (a JSON
+# "\ud800" escape). Real text carries them: a page mis-decoded from cp1252 has U+0097 where an em
+# dash was. They mean nothing to a retriever, so a query is searched with each one made a space.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+# What a query must contain after cleaning: one character that is neither a space nor a control.
+# The OpenAPI schema states the same pattern, so generated clients and fuzzers agree with the server.
+QUERY_PATTERN = r"[^\s\x00-\x1f\x7f-\x9f\ud800-\udfff]"
+_TEXT = re.compile(QUERY_PATTERN)
+
+
+def clean_query(text: str) -> str:
+    """`text` with every control character (less tab and newlines) and lone surrogate made a space."""
+    return _CONTROL.sub(" ", text)
 
 
 class FusionOptions(BaseModel):
@@ -17,20 +30,19 @@ class FusionOptions(BaseModel):
 
     method: Literal["rrf", "minmax", "dbsf"] | None = Field(None, description="null: the configured method")
     k: int | None = Field(None, ge=1, le=10_000, description="RRF constant; null: the configured k")
-    weights: dict[str, float] | None = Field(None, description="per-retriever weights, overriding the config")
-
-    @field_validator("weights")
-    @classmethod
-    def _weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v is not None and any(not 0 <= w <= 1e6 for w in v.values()):
-            raise ValueError("weights must be between 0 and 1e6")
-        return v
+    weights: dict[str, Annotated[float, Field(ge=0, le=1e6)]] | None = Field(
+        None, description="per-retriever weights (0 to 1e6), overriding the config"
+    )
 
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    query: str = Field(description="the question or keywords; not empty")
+    query: str = Field(
+        description="the question or keywords. Control characters (other than tab and newlines) are searched as "
+        "spaces; what is left must not be blank",
+        json_schema_extra={"pattern": QUERY_PATTERN},
+    )
     top_k: int = Field(10, ge=1, le=100, description="number of fused results")
     retrievers: list[str] | None = Field(None, min_length=1, description="retrievers to ask; null asks all")
     filters: dict[str, FilterValue] | None = Field(None, description="exact-match metadata filters")
@@ -39,13 +51,10 @@ class SearchRequest(BaseModel):
 
     @field_validator("query")
     @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("query must not be empty or whitespace")
-        bad = next((i for i, ch in enumerate(v) if ch in _CONTROL), None)
-        if bad is not None:
-            raise ValueError(f"query contains control character U+{ord(v[bad]):04X} at position {bad}")
-        return v
+    def _clean(cls, v: str) -> str:
+        if not _TEXT.search(v):
+            raise ValueError("query must contain text: it is empty, or only spaces and control characters")
+        return clean_query(v)
 
 
 class Source(BaseModel):

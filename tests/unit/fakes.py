@@ -2,19 +2,20 @@
 
 `HashingEmbedder` stands in for sentence-transformers: each word hashes to a signed bucket, and a
 text is the normalised sum of its words. Texts that share words are similar, texts that share none
-are (nearly) orthogonal: enough to test ranking logic. `FakeHandle` stands in for a Serve
-deployment handle, with the same `.method.remote(...)` / awaitable-response surface.
+are (nearly) orthogonal: enough to test ranking logic. The fake deployment handle ships with
+ragfan itself (`serve_app.testing.FakeHandle`); the replica stand-ins for it are here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import re
 from collections.abc import Sequence
 
 import numpy as np
+
+from serve_app.testing import FakeHandle, FakeResponse  # noqa: F401  (shipped with ragfan)
 
 
 class HashingEmbedder:
@@ -36,54 +37,6 @@ class HashingEmbedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([self._vector(t) for t in texts])
-
-
-class FakeResponse:
-    """Awaitable like Serve's DeploymentResponse, with the same `cancel()`."""
-
-    def __init__(self, coro) -> None:
-        self._task = asyncio.ensure_future(coro)
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self._task.cancel()
-
-    def __await__(self):
-        return self._task.__await__()
-
-
-class _Method:
-    def __init__(self, handle: FakeHandle, name: str) -> None:
-        self.handle, self.name = handle, name
-
-    def remote(self, *args):
-        self.handle.calls.append((self.name, args))
-        method = getattr(self.handle.target, self.name)
-
-        async def run():  # a replica's method may be sync or async; the response is awaitable either way
-            result = method(*args)
-            return await result if inspect.isawaitable(result) else result
-
-        response = FakeResponse(run())
-        self.handle.responses.append(response)
-        return response
-
-
-class FakeHandle:
-    """A deployment handle without Ray: `handle.method.remote(...)` runs `target.method(...)` as a task.
-
-    `calls` records every call in order, `responses` what each returned, so tests check batching
-    and cancellation by what happened, not by timing.
-    """
-
-    def __init__(self, target) -> None:
-        self.target = target
-        self.calls: list[tuple[str, tuple]] = []
-        self.responses: list[FakeResponse] = []
-
-    def __getattr__(self, name: str) -> _Method:
-        return _Method(self, name)
 
 
 class GatedRetriever:

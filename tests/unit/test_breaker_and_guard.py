@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from serve_app import guard
+from serve_app import http as guard
 from serve_app.breaker import CircuitBreaker
 from serve_app.errors import ConfigError
 
@@ -83,14 +83,17 @@ def test_api_keys_come_from_env_and_file(tmp_path, monkeypatch):
         (b"{", "not valid JSON"),
     ],
 )
-def test_check_json(body, reason):
-    found = guard.check_json(body)
-    assert (found is None) if reason is None else (reason in found)
+def test_parse_json(body, reason):
+    if reason is None:
+        assert guard.parse_json(body) == json.loads(body)
+        return
+    with pytest.raises(json.JSONDecodeError) as info:
+        guard.parse_json(body)
+    assert reason in str(info.value)
 
 
 def run_guard(body: bytes, headers: dict[str, str], limit: int = 100, keys: tuple[bytes, ...] = ()):
     """Drive the middleware as a server would; return (status, body, what the app received)."""
-    guard.configure(max_body_bytes=limit, key_digests=keys)
     seen = {}
 
     async def app(scope, receive, send):
@@ -111,7 +114,7 @@ def run_guard(body: bytes, headers: dict[str, str], limit: int = 100, keys: tupl
 
     scope = {"type": "http", "method": "POST", "path": "/v1/search", "root_path": "",
              "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
-    asyncio.run(guard.Guard(app)(scope, receive, send))
+    asyncio.run(guard.Guard(app, max_body_bytes=limit, key_digests=keys)(scope, receive, send))
     status = sent[0]["status"]
     return status, b"".join(m.get("body", b"") for m in sent[1:]), seen.get("body"), len(messages)
 
@@ -139,4 +142,3 @@ def test_guard_asks_for_a_key_before_anything_else():
     assert status == 401 and received is None and b"secret" not in out
     status, _, _, _ = run_guard(b"{}", {"authorization": "Bearer secret"}, keys=keys)
     assert status == 200
-    guard.configure(max_body_bytes=64 * 1024, key_digests=())
