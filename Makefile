@@ -31,6 +31,7 @@ integration: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy actors serve_app
 
 clean:
 	rm -rf $(VENV) .pytest_cache
