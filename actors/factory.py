@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,68 +18,30 @@ import numpy as np
 from actors.base import Retriever
 from actors.data import read_aliases, read_documents, read_triples
 from actors.dense import DenseRetriever, embed_texts, make_index
-from actors.embedder import DEFAULT_MODEL, Embedder, SentenceTransformerEmbedder, SharedEncoderVectors, resolve_model
+from actors.embedder import Embedder, SentenceTransformerEmbedder, SharedEncoderVectors
 from actors.errors import DataError, RetrieverFailed
 from actors.graph import GraphRetriever, entity_names, fact_sentence
 from actors.index import build_key, default_cache_dir, load_or_build, sha256_file, verify
 from actors.keyword import KeywordRetriever
 from actors.shards import shard_dir, shard_of
+from actors.spec import DenseOptions, GraphOptions, KeywordOptions, RetrieverSpec
 from actors.synthetic import SyntheticRetriever
 
 logger = logging.getLogger("ragfan")
-
-KINDS = ("dense", "keyword", "graph", "synthetic")
-MODEL_KINDS = ("dense", "graph")  # the kinds that embed queries
 
 # Embeds texts for a build: (texts, what a progress bar calls the work) -> one row per text.
 Encode = Callable[[Sequence[str], str], np.ndarray]
 
 
-@dataclass(frozen=True)
-class RetrieverSpec:
-    """Everything a replica needs to open one retriever. Built from the config by serve_app."""
-
-    name: str
-    kind: str
-    data: str | None = None  # a collection to index at start ...
-    artifacts: str | None = None  # ... or a directory `ragfan ingest` wrote
-    model: str = DEFAULT_MODEL
-    params: Mapping[str, Any] = field(default_factory=dict)
-    cache_dir: str | None = None
-    shard: tuple[int, int] | None = None  # (i, N): this replica holds shard i of N (dense only)
-    shared_encoder: bool = False  # queries arrive encoded by the model's encoder deployment: no model here
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown retriever kind {self.kind!r}; valid kinds: {', '.join(KINDS)}")
-        if (self.data is None) == (self.artifacts is None):
-            raise ValueError(f"{self.name}: give exactly one of `data` and `artifacts`")
-        if self.shard is not None:
-            i, n = self.shard
-            if self.kind != "dense" or not 0 <= i < n:
-                raise ValueError(f"{self.name}: shard {i} of {n} is not valid for kind {self.kind!r}")
-        if self.shared_encoder and self.kind not in MODEL_KINDS:
-            raise ValueError(f"{self.name}: kind {self.kind!r} embeds nothing, so it has no encoder to share")
-
-    @property
-    def model_name(self) -> str:
-        return resolve_model(self.model)[0]
-
-    @property
-    def needs_model(self) -> bool:
-        """Whether this replica loads a model of its own to encode queries."""
-        return self.kind in MODEL_KINDS and not self.shared_encoder
-
-
-def dense_index_dir(spec: RetrieverSpec, source_sha256: str | None = None) -> Path:
+def dense_index_dir(spec: RetrieverSpec, options: DenseOptions, source_sha256: str | None = None) -> Path:
     """Where the dense index for this spec lives; a changed source, model or setting moves it."""
-    cache = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
+    cache = spec.cache_dir or default_cache_dir()
     key = build_key(
         kind=spec.kind,
-        model=resolve_model(spec.model)[0],
+        model=spec.model_name,
         source_sha256=source_sha256 or sha256_file(Path(spec.data)),
-        text_field=spec.params.get("text_field", "text"),
-        index_type=spec.params.get("index_type", "flat"),
+        text_field=options.text_field,
+        index_type=options.index,
         shard=list(spec.shard) if spec.shard else None,
     )
     return cache / spec.name / key
@@ -88,13 +49,13 @@ def dense_index_dir(spec: RetrieverSpec, source_sha256: str | None = None) -> Pa
 
 def graph_vectors_dir(spec: RetrieverSpec) -> Path:
     """Where a graph's entity and fact vectors live; a changed triples file or model moves them."""
-    cache = Path(spec.cache_dir) if spec.cache_dir else default_cache_dir()
+    cache = spec.cache_dir or default_cache_dir()
     key = build_key(kind="graph-vectors", model=spec.model_name, source_sha256=sha256_file(_triples_path(spec)))
     return cache / spec.name / key
 
 
 def _triples_path(spec: RetrieverSpec) -> Path:
-    return Path(spec.artifacts) / "triples.jsonl" if spec.artifacts else Path(spec.data)
+    return spec.artifacts / "triples.jsonl" if spec.artifacts else Path(spec.data)
 
 
 def _check_model(spec: RetrieverSpec, directory: Path, manifest: Mapping[str, Any]) -> None:
@@ -126,18 +87,20 @@ def local_encode(model: str, *, progress: bool) -> Encode:
 
 
 # -- what is built ahead of time ----------------------------------------------------------------
-def _dense_build(spec: RetrieverSpec, source_sha256: str, encode: Encode) -> Callable[[Path], dict[str, Any]]:
+def _dense_build(
+    spec: RetrieverSpec, options: DenseOptions, source_sha256: str, encode: Encode
+) -> Callable[[Path], dict[str, Any]]:
     def build(directory: Path) -> dict[str, Any]:
-        docs = read_documents(spec.data, text_field=spec.params.get("text_field", "text"))
+        docs = read_documents(spec.data, text_field=options.text_field)
         if spec.shard is not None:
             docs = [d for d in docs if shard_of(d.doc_id, spec.shard[1]) == spec.shard[0]]
         vectors = encode([d.text for d in docs], f"embedding {spec.name}")
         retriever = DenseRetriever(
             name=spec.name,
             documents=docs,
-            index=make_index(vectors, spec.params.get("index_type", "flat")),
+            index=make_index(vectors, options.index),
             embedder=SharedEncoderVectors(spec.model_name, vectors.shape[1]),
-            index_type=spec.params.get("index_type", "flat"),
+            index_type=options.index,
         )
         shard = {"shard": list(spec.shard)} if spec.shard else {}
         return {**retriever.save(directory), "source": str(spec.data), "source_sha256": source_sha256, **shard}
@@ -165,10 +128,10 @@ def _load_graph_vectors(directory: Path, manifest: Mapping[str, Any]) -> tuple[n
 def build_missing(spec: RetrieverSpec, encode: Encode) -> bool:
     """Embed, with `encode`, what this retriever needs and the cache lacks: its dense index, or a
     shared-encoder graph's vectors. Returns whether anything was built."""
-    if spec.kind == "dense" and spec.data is not None:
-        sha = sha256_file(Path(spec.data))
-        target, build = dense_index_dir(spec, sha), _dense_build(spec, sha, encode)
-    elif spec.kind == "graph" and spec.shared_encoder:
+    if isinstance(spec.options, DenseOptions) and spec.data is not None:
+        sha = sha256_file(spec.data)
+        target, build = dense_index_dir(spec, spec.options, sha), _dense_build(spec, spec.options, sha, encode)
+    elif isinstance(spec.options, GraphOptions) and spec.shared_encoder:
         target, build = graph_vectors_dir(spec), _graph_vectors_build(spec, encode)
     else:
         return False
@@ -195,12 +158,12 @@ def open_artifacts(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
     _check_model(spec, directory, manifest)
     if spec.kind == "dense":
         return DenseRetriever.load(directory, manifest, name=spec.name, embedder=_query_embedder(spec, manifest["dim"]))
-    if spec.kind == "graph":
-        return _open_graph(spec, directory / "aliases.json", progress=progress)
+    if isinstance(spec.options, GraphOptions):
+        return _open_graph(spec, spec.options, directory / "aliases.json", progress=progress)
     raise DataError(f"{spec.name}: kind {spec.kind!r} has no artifacts; use `data`")
 
 
-def _open_graph(spec: RetrieverSpec, aliases: Path | str | None, *, progress: bool) -> GraphRetriever:
+def _open_graph(spec: RetrieverSpec, options: GraphOptions, aliases: Path | None, *, progress: bool) -> GraphRetriever:
     vectors = None
     if spec.shared_encoder:
         target = graph_vectors_dir(spec)
@@ -217,7 +180,7 @@ def _open_graph(spec: RetrieverSpec, aliases: Path | str | None, *, progress: bo
         triples=read_triples(_triples_path(spec)),
         aliases=read_aliases(aliases),
         embedder=_query_embedder(spec, vectors[0].shape[1] if vectors else 0),
-        hops=spec.params.get("hops", 2),
+        hops=options.hops,
         vectors=vectors,
     )
 
@@ -226,31 +189,31 @@ def open_retriever(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
     """Load a retriever, building and caching its index first if needed (with a model of its own)."""
     if spec.artifacts is not None:
         return open_artifacts(spec, progress=progress)
-    p = dict(spec.params)
-    if spec.kind == "dense":
-        source_sha256 = sha256_file(Path(spec.data))
-        target = dense_index_dir(spec, source_sha256)
+    options = spec.options
+    if isinstance(options, DenseOptions):
+        source_sha256 = sha256_file(spec.data)
+        target = dense_index_dir(spec, options, source_sha256)
 
         def load(directory: Path, manifest: dict[str, Any]) -> DenseRetriever:
             _check_model(spec, directory, manifest)
             return DenseRetriever.load(directory, manifest, name=spec.name,
                                        embedder=_query_embedder(spec, manifest["dim"]))
 
-        build = _dense_build(spec, source_sha256, local_encode(spec.model, progress=progress))
+        build = _dense_build(spec, options, source_sha256, local_encode(spec.model, progress=progress))
         retriever, built = load_or_build(target, build=build, load=load)
         logger.info("%s: %s dense index at %s", spec.name, "built" if built else "reused", target)
         return retriever
-    if spec.kind == "keyword":
+    if isinstance(options, KeywordOptions):
         return KeywordRetriever(
             name=spec.name,
-            documents=read_documents(spec.data, text_field=p.get("text_field", "text")),
-            language=p.get("language", "english"),
+            documents=read_documents(spec.data, text_field=options.text_field),
+            language=options.language,
         )
-    if spec.kind == "graph":
-        return _open_graph(spec, p.get("aliases"), progress=progress)
+    if isinstance(options, GraphOptions):
+        return _open_graph(spec, options, options.aliases, progress=progress)
     return SyntheticRetriever(
         name=spec.name,
-        documents=read_documents(spec.data, text_field=p.get("text_field", "text")),
-        delay_ms=p.get("delay_ms", 0.0),
-        fail=p.get("fail", "never"),
+        documents=read_documents(spec.data, text_field=options.text_field),
+        delay_ms=options.delay_ms,
+        fail=options.fail,
     )

@@ -1,8 +1,12 @@
 """The one YAML file that declares the app and its retrievers, validated once with pydantic.
 
 Relative paths in the file are resolved against the file's own directory. `RAGFAN_DISABLED=true`
-overrides `enabled`. An invalid file raises ConfigError naming the bad key, e.g.
-`retrievers.1.timeout_ms: Input should be greater than 0`.
+overrides `enabled`. An invalid file raises ConfigError naming the file and the bad key, e.g.
+`retrievers.1.timeout_ms: Input should be greater than or equal to 1`, or, for a key of another
+kind, "retrievers.0.hops: `hops` applies to kind 'graph' only, not 'dense'".
+
+A retriever's config is one model per kind, tagged by `kind`: the kind's options (actors/spec.py,
+where their fields and defaults live) plus what every retriever has (`_RetrieverBase`).
 """
 
 from __future__ import annotations
@@ -10,13 +14,26 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
-from actors.factory import RetrieverSpec
 from actors.shards import shard_dir
+from actors.spec import (
+    KINDS,
+    OPTIONS,
+    DenseOptions,
+    GraphOptions,
+    KeywordOptions,
+    Kind,
+    KindOptions,
+    ModelOptions,
+    RetrieverSpec,
+    SyntheticOptions,
+    kinds_with,
+)
 from serve_app.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).parent / "demo" / "config.yaml"
@@ -115,34 +132,17 @@ class ScalingConfig(_Strict):
         return options
 
 
-_KIND_FIELDS = {
-    "index": "dense",
-    "aliases": "graph",
-    "hops": "graph",
-    "language": "keyword",
-    "delay_ms": "synthetic",
-    "fail": "synthetic",
-}
-_MODEL_KINDS = ("dense", "graph")
+class _RetrieverBase(ScalingConfig):
+    """What every retriever's config has: its deployment, its part in a search, where its data is.
 
+    A kind's own keys come from its options model in actors/spec.py; each `*RetrieverConfig`
+    below is that model plus these, so a key of another kind is an unknown key. Like the options,
+    a retriever's config is frozen once validated.
+    """
 
-class RetrieverConfig(ScalingConfig):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,39}$", description="deployment name and API name")
-    kind: Literal["dense", "keyword", "graph", "synthetic"]
     data: Path | None = Field(None, description="documents (JSONL) or, for graph, triples (JSONL or TSV)")
     artifacts: Path | None = Field(None, description="an index directory written by `ragfan ingest` (instead of data)")
-    model: str = Field("default", description="'default' (bundled all-MiniLM-L6-v2), a model name or a path")
-    encoder: Literal["shared", "local"] = Field(
-        "shared", description="dense and graph: 'shared' encodes each query once on the model's encoder deployment; "
-        "'local' loads the model in this retriever's own replicas"
-    )
-    text_field: str = "text"
-    index: Literal["flat", "hnsw"] = "flat"
-    aliases: Path | None = None
-    hops: int = Field(2, ge=1, le=4)
-    language: str = "english"
-    delay_ms: float = Field(0, ge=0)
-    fail: Literal["never", "always"] = "never"
     top_k: int = Field(20, ge=1, le=1000, description="hits this retriever contributes to fusion")
     timeout_ms: int = Field(1000, ge=1, le=600_000, description="deadline for this retriever's answer")
     weight: float = Field(1.0, ge=0, description="weight in fusion")
@@ -157,45 +157,35 @@ class RetrieverConfig(ScalingConfig):
     ray_actor_options: ActorOptions = ActorOptions()
     batch: BatchConfig = BatchConfig()
 
+    shown: ClassVar[tuple[str, ...]] = ()  # the kind's options that /v1/retrievers shows
+
+    if TYPE_CHECKING:  # the field comes from the kind's options, a Literal of one kind each
+
+        @property
+        def kind(self) -> Kind: ...
+
     @model_validator(mode="after")
-    def _kind_fields(self) -> RetrieverConfig:
+    def _sources_and_shards(self) -> _RetrieverBase:
         if (self.data is None) == (self.artifacts is None):
             raise ValueError("give exactly one of `data` (a collection) and `artifacts` (from `ragfan ingest`)")
         if self.shards > 1 and self.kind != "dense":
             raise ValueError(f"`shards` applies to kind 'dense' only, not {self.kind!r} (BM25 scores depend on "
                              "corpus statistics, so shards of a keyword index would not merge exactly)")
-        for key, kind in _KIND_FIELDS.items():
-            if key in self.model_fields_set and self.kind != kind:
-                raise ValueError(f"`{key}` applies to kind {kind!r} only, not {self.kind!r}")
-        for key in ("encoder", "model"):
-            if key in self.model_fields_set and self.kind not in _MODEL_KINDS:
-                raise ValueError(f"`{key}` applies to kinds 'dense' and 'graph' only, not {self.kind!r}")
         return self
 
     @property
     def shared_encoder(self) -> bool:
-        return self.kind in _MODEL_KINDS and self.encoder == "shared"
+        return isinstance(self, ModelOptions) and self.encoder == "shared"
+
+    def options(self) -> KindOptions:
+        """This retriever's kind options, as a replica receives them."""
+        options = OPTIONS[self.kind]
+        return options.model_validate(self.model_dump(include=set(options.model_fields)))
 
     def spec(self, cache_dir: Path | None, shard: tuple[int, int] | None = None) -> RetrieverSpec:
-        params: dict[str, Any] = {"text_field": self.text_field}
-        if self.kind == "dense":
-            params["index_type"] = self.index
-        elif self.kind == "graph":
-            params.update(hops=self.hops, aliases=str(self.aliases) if self.aliases else None)
-        elif self.kind == "keyword":
-            params["language"] = self.language
-        elif self.kind == "synthetic":
-            params.update(delay_ms=self.delay_ms, fail=self.fail)
         return RetrieverSpec(
-            name=self.name,
-            kind=self.kind,
-            data=str(self.data) if self.data else None,
-            artifacts=str(self.artifacts) if self.artifacts else None,
-            model=self.model,
-            params=params,
-            cache_dir=str(cache_dir) if cache_dir else None,
-            shard=shard,
-            shared_encoder=self.shared_encoder,
+            name=self.name, options=self.options(), data=self.data, artifacts=self.artifacts,
+            cache_dir=cache_dir, shard=shard,
         )
 
     def specs(self, cache_dir: Path | None) -> list[RetrieverSpec]:
@@ -209,8 +199,6 @@ class RetrieverConfig(ScalingConfig):
 
     def summary(self) -> dict[str, Any]:
         """What `/v1/retrievers` shows of the config."""
-        keep = {"model", "index", "encoder"} if self.kind == "dense" else {"model", "hops", "encoder"} \
-            if self.kind == "graph" else set()
         return {
             "data": self.data.name if self.data else None,
             "artifacts": str(self.artifacts) if self.artifacts else None,
@@ -218,12 +206,35 @@ class RetrieverConfig(ScalingConfig):
             "timeout_ms": self.timeout_ms,
             "weight": self.weight,
             "filter_keys": self.filter_keys,
-            **{k: getattr(self, k) for k in sorted(keep)},
+            **{k: getattr(self, k) for k in sorted(self.shown)},
             "shards": self.shards,
             "num_replicas": None if self.autoscaling_config else self.num_replicas,
             "autoscaling": bool(self.autoscaling_config),
             **self.ray_actor_options.to_ray(),
         }
+
+
+# Options first, so that their `kind` literal is the union's tag.
+class DenseRetrieverConfig(DenseOptions, _RetrieverBase):
+    shown = ("model", "index", "encoder")
+
+
+class KeywordRetrieverConfig(KeywordOptions, _RetrieverBase):
+    pass
+
+
+class GraphRetrieverConfig(GraphOptions, _RetrieverBase):
+    shown = ("model", "hops", "encoder")
+
+
+class SyntheticRetrieverConfig(SyntheticOptions, _RetrieverBase):
+    pass
+
+
+RetrieverConfig = Annotated[
+    DenseRetrieverConfig | KeywordRetrieverConfig | GraphRetrieverConfig | SyntheticRetrieverConfig,
+    Field(discriminator="kind"),
+]
 
 
 class FusionConfig(_Strict):
@@ -291,15 +302,39 @@ class AppConfig(_Strict):
     @property
     def shared_models(self) -> list[str]:
         """The models that need an encoder deployment, in the order retrievers name them."""
-        return list(dict.fromkeys(r.model for r in self.retrievers if r.shared_encoder))
+        return list(dict.fromkeys(r.model for r in self.retrievers if isinstance(r, ModelOptions) and r.shared_encoder))
+
+
+def _quoted(kinds: list[str]) -> str:
+    quoted = [repr(k) for k in kinds]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
+
+
+def _error_line(err: ErrorDetails) -> str:
+    """One error as `key.path: message`, with the retriever's kind tag taken out of the path."""
+    loc: list[int | str] = list(err["loc"])
+    msg, kind = err["msg"], None
+    if len(loc) >= 3 and loc[0] == "retrievers" and loc[2] in KINDS:
+        kind = loc.pop(2)  # pydantic puts the union's tag in the path: retrievers.1.dense.timeout_ms
+    if err["type"] == "union_tag_invalid":
+        loc, msg = [*loc, "kind"], f"unknown kind {err.get('ctx', {}).get('tag')!r}; valid kinds: {', '.join(KINDS)}"
+    elif err["type"] == "union_tag_not_found":
+        loc, msg = [*loc, "kind"], f"Field required; valid kinds: {', '.join(KINDS)}"
+    elif err["type"] == "extra_forbidden" and kind is not None and len(loc) == 3:
+        owners = kinds_with(str(loc[2]))  # empty for a key of no kind at all: pydantic's message stays
+        if owners:
+            msg = f"`{loc[2]}` applies to kind{'s' if len(owners) > 1 else ''} {_quoted(owners)} only, not {kind!r}"
+    return f"{'.'.join(str(p) for p in loc) or '(top level)'}: {msg}"
 
 
 def _format(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {err['msg']}")
-    return "\n".join(lines)
+    return "\n".join([f"invalid config {source}:", *(f"  {_error_line(err)}" for err in exc.errors())])
+
+
+def _resolved(r: RetrieverConfig, base_dir: Path) -> dict[str, Path]:
+    """The retriever's paths, resolved against the config file's directory."""
+    paths = {"data": r.data, "artifacts": r.artifacts, "aliases": r.aliases if isinstance(r, GraphOptions) else None}
+    return {key: (base_dir / path).resolve() for key, path in paths.items() if path is not None}
 
 
 def parse_config(raw: Any, *, base_dir: Path, source: str = "<config>") -> AppConfig:
@@ -310,13 +345,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "<config>") -> AppCo
         config = AppConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format(exc, source)) from None
-    for r in config.retrievers:
-        if r.data is not None:
-            r.data = (base_dir / r.data).resolve()
-        if r.artifacts is not None:
-            r.artifacts = (base_dir / r.artifacts).resolve()
-        if r.aliases is not None:
-            r.aliases = (base_dir / r.aliases).resolve()
+    config.retrievers = [r.model_copy(update=_resolved(r, base_dir)) for r in config.retrievers]
     if config.cache_dir is not None:
         config.cache_dir = (base_dir / config.cache_dir.expanduser()).resolve()
     if config.gateway.api_keys_file is not None:
@@ -336,7 +365,8 @@ def file_problems(config: AppConfig) -> dict[str, str]:
         return {}
     problems: dict[str, str] = {}
     for i, r in enumerate(config.retrievers):
-        for key, path in (("data", r.data), ("aliases", r.aliases)):
+        aliases = r.aliases if isinstance(r, GraphOptions) else None
+        for key, path in (("data", r.data), ("aliases", aliases)):
             if path is not None and not path.is_file():
                 problems.setdefault(r.name, f"retrievers.{i}.{key}: file not found: {path}")
         if r.artifacts is not None:

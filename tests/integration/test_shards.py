@@ -51,9 +51,10 @@ def test_a_lost_shard_gives_a_partial_answer_with_its_coverage(sharded_url, http
 
 
 def test_ingest_shards_writes_one_checked_artifact_directory_per_shard(cluster, tmp_path):
-    from actors.factory import RetrieverSpec, open_artifacts
+    from actors.factory import open_artifacts
     from actors.ingest import ingest
     from actors.shards import shard_dir
+    from actors.spec import DenseOptions, RetrieverSpec
     from actors.types import Query
 
     reports = ingest(TINYBEIR / "corpus.jsonl", tmp_path, kinds=("dense",), shards=2, progress=False)
@@ -62,7 +63,8 @@ def test_ingest_shards_writes_one_checked_artifact_directory_per_shard(cluster, 
     manifests = [json.loads((d / "manifest.json").read_text()) for d in dirs]
     assert [m["shard"] for m in manifests] == [[0, 2], [1, 2]]
     assert sum(m["num_docs"] for m in manifests) == sum(r.num_docs for r in reports) > 0
-    shard1 = open_artifacts(RetrieverSpec(name="s", kind="dense", artifacts=str(tmp_path / "dense"), shard=(1, 2)))
+    spec = RetrieverSpec(name="s", options=DenseOptions(encoder="local"), artifacts=tmp_path / "dense", shard=(1, 2))
+    shard1 = open_artifacts(spec)
     assert all(shard_of(d.doc_id, 2) == 1 for d in shard1.documents)
     [hits] = shard1.search([Query(QUERIES[0], top_k=3)])
     assert hits and all(shard_of(h.doc_id, 2) == 1 for h in hits)

@@ -2,8 +2,12 @@ from pathlib import Path
 
 import pytest
 
+from actors.errors import RetrieverFailed
+from actors.spec import DenseOptions, GraphOptions, KeywordOptions, SyntheticOptions
 from serve_app.config import DEFAULT_CONFIG, load_config, parse_bytes, parse_config
 from serve_app.errors import ConfigError
+
+KINDS = "dense, keyword, graph, synthetic"
 
 
 def minimal(**retriever) -> dict:
@@ -31,10 +35,17 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
 @pytest.mark.parametrize(
     ("raw", "names"),
     [
-        (minimal(timeout_ms=0), "retrievers.0.timeout_ms"),
-        (minimal(kind="vector"), "retrievers.0.kind"),
-        (minimal(colour="red"), "retrievers.0.colour"),
-        (minimal(hops=3), "`hops` applies to kind 'graph' only"),
+        (minimal(timeout_ms=0), "retrievers.0.timeout_ms: Input should be greater than or equal to 1"),
+        (minimal(kind="vector"), f"retrievers.0.kind: unknown kind 'vector'; valid kinds: {KINDS}"),
+        ({"retrievers": [{"name": "d", "data": "d"}]}, f"retrievers.0.kind: Field required; valid kinds: {KINDS}"),
+        (minimal(colour="red"), "retrievers.0.colour: Extra inputs are not permitted"),
+        (minimal(hops=3), "retrievers.0.hops: `hops` applies to kind 'graph' only, not 'keyword'"),
+        (minimal(model="m"), "retrievers.0.model: `model` applies to kinds 'dense' and 'graph' only, not 'keyword'"),
+        (minimal(kind="graph", text_field="body"),
+         "retrievers.0.text_field: `text_field` applies to kinds 'dense', 'keyword' and 'synthetic' only, not 'graph'"),
+        (minimal(batch={"hops": 1}), "retrievers.0.batch.hops: Extra inputs are not permitted"),
+        (minimal(kind="dense", index="ivf"), "retrievers.0.index: Input should be 'flat' or 'hnsw'"),
+        (minimal(kind="graph", hops=9), "retrievers.0.hops: Input should be less than or equal to 4"),
         (minimal(ray_actor_options={"num_cpus": -1}), "retrievers.0.ray_actor_options.num_cpus"),
         (minimal(ray_actor_options={"memory": "lots"}), "retrievers.0.ray_actor_options.memory"),
         (minimal(name="Bad Name"), "retrievers.0.name"),
@@ -48,6 +59,8 @@ def test_an_invalid_config_names_the_bad_key(raw, names):
         parse_config(raw, base_dir=Path("."), source="my.yaml")
     assert names in info.value.message
     assert "my.yaml" in info.value.message
+    for kind in ("dense", "keyword", "graph", "synthetic"):  # the union's tag stays out of the key's path
+        assert f".{kind}." not in info.value.message
 
 
 def test_duplicate_and_reserved_names_are_rejected():
@@ -95,8 +108,43 @@ def test_spec_carries_kind_specific_parameters(tmp_path):
         {"retrievers": [{"name": "g", "kind": "graph", "data": "t.jsonl", "aliases": "a.json", "hops": 3}]},
         base_dir=tmp_path,
     ).retrievers[0].spec(tmp_path / "cache")
-    assert spec.params["hops"] == 3 and spec.params["aliases"] == str(tmp_path / "a.json")
-    assert spec.cache_dir == str(tmp_path / "cache")
+    assert spec.options == GraphOptions(hops=3, aliases=tmp_path / "a.json")
+    assert spec.cache_dir == tmp_path / "cache"
+    assert spec.kind == "graph" and spec.shared_encoder and not spec.needs_model
+
+
+@pytest.mark.parametrize(
+    ("raw", "options"),
+    [
+        ({"kind": "dense"}, DenseOptions()),
+        ({"kind": "dense", "index": "hnsw", "encoder": "local", "text_field": "body"},
+         DenseOptions(index="hnsw", encoder="local", text_field="body")),
+        ({"kind": "keyword", "language": "german"}, KeywordOptions(language="german")),
+        ({"kind": "graph"}, GraphOptions()),
+        ({"kind": "synthetic", "delay_ms": 5, "fail": "always"}, SyntheticOptions(delay_ms=5, fail="always")),
+    ],
+)
+def test_each_kind_has_its_own_options_and_defaults(raw, options):
+    r = parse_config({"retrievers": [{"name": "r", "data": "d.jsonl", **raw}]}, base_dir=Path(".")).retrievers[0]
+    assert r.options() == options
+    assert r.spec(None).options == options
+    assert r.spec(None).needs_model == (getattr(options, "encoder", None) == "local")
+
+
+def test_a_spec_opens_with_its_typed_options(tmp_path):
+    from actors.factory import open_retriever
+    from actors.types import Query
+
+    (tmp_path / "d.jsonl").write_text('{"id": "a", "body": "running shoes"}\n{"id": "b", "body": "tea cups"}\n')
+    raw = {"retrievers": [
+        {"name": "k", "kind": "keyword", "data": "d.jsonl", "text_field": "body", "language": "english"},
+        {"name": "s", "kind": "synthetic", "data": "d.jsonl", "text_field": "body", "fail": "always"},
+    ]}
+    keyword, synthetic = (open_retriever(r.spec(None)) for r in parse_config(raw, base_dir=tmp_path).retrievers)
+    [hits] = keyword.search([Query("run", top_k=1)])  # stemmed: `run` finds `running`
+    assert [h.doc_id for h in hits] == ["a"]
+    with pytest.raises(RetrieverFailed, match="configured to fail"):
+        synthetic.search([Query("tea", top_k=1)])
 
 
 def test_batch_options_default_and_bounds():

@@ -7,10 +7,11 @@ import pytest
 from actors.data import read_triples
 from actors.dense import DenseRetriever
 from actors.errors import DataError, RetrieverFailed
-from actors.factory import RetrieverSpec, open_artifacts
+from actors.factory import open_artifacts
 from actors.index import load_or_build
 from actors.keyword import KeywordRetriever
 from actors.sources import PARENT, chunk, read_source, source_sha256
+from actors.spec import DenseOptions, KeywordOptions, RetrieverSpec
 from actors.types import Document, Query
 from tests.unit.fakes import HashingEmbedder
 
@@ -82,30 +83,30 @@ def test_a_truncated_or_altered_file_is_named(dense_artifacts, damage):
     path = dense_artifacts / "docs.jsonl"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else data.replace(b"Aspirin", b"Asprin!"))
-    spec = RetrieverSpec(name="d", kind="dense", artifacts=str(dense_artifacts))
+    spec = RetrieverSpec(name="d", options=DenseOptions(), artifacts=str(dense_artifacts))
     with pytest.raises(DataError, match=r"docs.jsonl: missing or corrupt \(checksum mismatch\)"):
         open_artifacts(spec)
 
 
 def test_missing_artifacts_wrong_kind_and_wrong_model(tmp_path, dense_artifacts):
     with pytest.raises(DataError, match=r"manifest.json: not found; build the index with `ragfan ingest"):
-        open_artifacts(RetrieverSpec(name="d", kind="dense", artifacts=str(tmp_path / "nope")))
+        open_artifacts(RetrieverSpec(name="d", options=DenseOptions(), artifacts=str(tmp_path / "nope")))
     with pytest.raises(DataError, match="holds a 'dense' index, but k is kind 'keyword'"):
-        open_artifacts(RetrieverSpec(name="k", kind="keyword", artifacts=str(dense_artifacts)))
+        open_artifacts(RetrieverSpec(name="k", options=KeywordOptions(), artifacts=str(dense_artifacts)))
     with pytest.raises(RetrieverFailed, match="built with model 'sentence-transformers/all-MiniLM-L6-v2'"):
-        open_artifacts(RetrieverSpec(name="d", kind="dense", artifacts=str(dense_artifacts), model="other/model"))
+        open_artifacts(RetrieverSpec(name="d", options=DenseOptions(model="other/model"), artifacts=dense_artifacts))
 
 
 def test_keyword_artifacts_round_trip(tmp_path, docs):
     target = tmp_path / "keyword"
     load_or_build(target, build=lambda d: KeywordRetriever(name="k", documents=docs).save(d), load=lambda d, m: None)
-    r = open_artifacts(RetrieverSpec(name="k", kind="keyword", artifacts=str(target)))
+    r = open_artifacts(RetrieverSpec(name="k", options=KeywordOptions(), artifacts=str(target)))
     [hits] = r.search([Query("metformin glucose", top_k=1)])
     assert hits[0].doc_id == "d2"
 
 
 def test_a_spec_needs_exactly_one_source():
     with pytest.raises(ValueError, match="exactly one"):
-        RetrieverSpec(name="x", kind="dense")
+        RetrieverSpec(name="x", options=DenseOptions())
     with pytest.raises(ValueError, match="exactly one"):
-        RetrieverSpec(name="x", kind="dense", data="a", artifacts="b")
+        RetrieverSpec(name="x", options=DenseOptions(), data="a", artifacts="b")

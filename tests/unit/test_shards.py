@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from actors.dense import DenseRetriever
-from actors.factory import RetrieverSpec
 from actors.shards import merge, shard_dir, shard_of
+from actors.spec import DenseOptions, RetrieverSpec
 from actors.types import Document, Query
 from serve_app.config import parse_config
 from serve_app.errors import ConfigError
@@ -71,4 +71,4 @@ def test_sharding_is_dense_only_and_names_one_deployment_per_shard():
     with pytest.raises(ConfigError, match="`shards` applies to kind 'dense' only"):
         parse_config(raw, base_dir=Path("."))
     with pytest.raises(ValueError, match="shard 3 of 3"):
-        RetrieverSpec(name="c", kind="dense", data="d.jsonl", shard=(3, 3))
+        RetrieverSpec(name="c", options=DenseOptions(), data="d.jsonl", shard=(3, 3))
