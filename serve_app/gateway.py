@@ -154,8 +154,15 @@ class Gateway:
         return {o.name: o for o in answers}
 
     def fuse(self, request: SearchRequest, outcomes: dict[str, Outcome]) -> list[Result]:
-        """One ranked list from the lanes that answered; NoRetrieverAvailable when none did."""
+        """One ranked list from the lanes that answered.
+
+        When none did: no results if it was the request's own `timeout_ms` that cut every one of them
+        short (as Elasticsearch answers a search past its `timeout`: 200, marked timed out); else
+        NoRetrieverAvailable, which is 503 with Retry-After, because the retrievers themselves failed.
+        """
         ok = {name: o.value for name, o in outcomes.items() if o.status == "ok"}
+        if not ok and all(self._out_of_its_own_time(request, n, o) for n, o in outcomes.items()):
+            return []  # the request's own deadline left no time: a degraded answer, not a failure
         if not ok:
             retry = [self.lanes[n].breaker.retry_in_s() for n, o in outcomes.items() if o.error == CIRCUIT_OPEN]
             raise NoRetrieverAvailable(
@@ -177,6 +184,11 @@ class Gateway:
                    sources=[Source(retriever=r, rank=rank, score=score) for r, rank, score in h.sources])
             for h in fused
         ]
+
+    def _out_of_its_own_time(self, request: SearchRequest, name: str, outcome: Outcome) -> bool:
+        """Whether a lane timed out within the request's `timeout_ms`, before its own deadline."""
+        own = request.timeout_ms
+        return outcome.status == "timeout" and own is not None and own < self.lanes[name].timeout_ms
 
     def answer(self, request: SearchRequest, outcomes: dict[str, Outcome], results: list[Result],
                started: float) -> SearchResponse:

@@ -5,48 +5,64 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 FilterValue = str | int | float | bool
 Status = Literal["ok", "timeout", "error", "skipped"]
 
-# C0 and C1 control characters and DEL, less tab and newlines, and lone UTF-16 surrogates (a JSON
-# "\ud800" escape). Real text carries them: a page mis-decoded from cp1252 has U+0097 where an em
-# dash was. They mean nothing to a retriever, so a query is searched with each one made a space.
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+# C0 and C1 control characters and DEL, less tab and newlines. Real text carries them: a page
+# mis-decoded from cp1252 has U+0097 where an em dash was. They mean nothing to a retriever, so a
+# query is searched with each one made a space.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# A lone UTF-16 surrogate (a JSON "\ud800" escape) is no character at all: it becomes U+FFFD, the
+# replacement character, as undecodable input does everywhere else.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # What a query must contain after cleaning: one character that is neither a space nor a control.
 # The OpenAPI schema states the same pattern, so generated clients and fuzzers agree with the server.
-QUERY_PATTERN = r"[^\s\x00-\x1f\x7f-\x9f\ud800-\udfff]"
+QUERY_PATTERN = r"[^\s\x00-\x1f\x7f-\x9f]"
 _TEXT = re.compile(QUERY_PATTERN)
 
 
+def _json_integer(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(*, ge: int, le: int) -> Any:
+    """JSON Schema's integer in [ge, le]: 5 and 5.0 are integers; `true` and "5" are not (the models are strict).
+
+    The bounds go before the validator, or pydantic leaves them out of the schema's `anyOf` branch.
+    """
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_json_integer)]
+
+
 def clean_query(text: str) -> str:
-    """`text` with every control character (less tab and newlines) and lone surrogate made a space."""
-    return _CONTROL.sub(" ", text)
+    """`text` with each control character (less tab and newlines) a space, and each lone surrogate U+FFFD."""
+    return _SURROGATE.sub("\ufffd", _CONTROL.sub(" ", text))
 
 
+# Strict, as the OpenAPI schema is: a JSON `true` is not the number 1, nor `"5"` the integer 5.
 class FusionOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     method: Literal["rrf", "minmax", "dbsf"] | None = Field(None, description="null: the configured method")
-    k: int | None = Field(None, ge=1, le=10_000, description="RRF constant; null: the configured k")
+    k: json_int(ge=1, le=10_000) | None = Field(None, description="RRF constant; null: the configured k")
     weights: dict[str, Annotated[float, Field(ge=0, le=1e6)]] | None = Field(
         None, description="per-retriever weights (0 to 1e6), overriding the config"
     )
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     query: str = Field(
         description="the question or keywords. Control characters (other than tab and newlines) are searched as "
         "spaces; what is left must not be blank",
         json_schema_extra={"pattern": QUERY_PATTERN},
     )
-    top_k: int = Field(10, ge=1, le=100, description="number of fused results")
+    top_k: json_int(ge=1, le=100) = Field(10, description="number of fused results")
     retrievers: list[str] | None = Field(None, min_length=1, description="retrievers to ask; null asks all")
     filters: dict[str, FilterValue] | None = Field(None, description="exact-match metadata filters")
-    timeout_ms: int | None = Field(None, ge=1, le=600_000, description="lowers every retriever's deadline")
+    timeout_ms: json_int(ge=1, le=600_000) | None = Field(None, description="lowers every retriever's deadline")
     fusion: FusionOptions | None = Field(None, description="fusion method, k and weights for this request")
 
     @field_validator("query")

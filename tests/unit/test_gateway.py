@@ -42,9 +42,11 @@ class Hanging:
     def __init__(self) -> None:
         self.started = 0
         self.cancelled = 0
+        self.entered = asyncio.Event()
 
     async def search(self, queries):
         self.started += 1
+        self.entered.set()
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
@@ -96,6 +98,14 @@ async def test_a_retriever_past_its_deadline_times_out_and_its_call_is_cancelled
     assert handles["c"][0].responses[0].cancelled and hanging.cancelled == hanging.started == 1
 
 
+async def test_no_answer_in_the_requests_own_time_is_empty_and_degraded_but_a_failure_of_its_own_is_503():
+    gateway, _ = gateway_over({"a": Hanging(), "b": Hanging(), "c": Hanging()}, make_config(c={"timeout_ms": 10}))
+    r = await gateway.search({"query": "x", "retrievers": ["a", "b"], "timeout_ms": 10})  # theirs: 2000 ms
+    assert r.results == [] and r.degraded and {r.retrievers[n].status for n in "ab"} == {"timeout"}
+    with pytest.raises(NoRetrieverAvailable):  # c's own deadline is 10 ms: c failed, not the request
+        await gateway.search({"query": "x", "retrievers": ["c"], "timeout_ms": 10})
+
+
 async def test_a_dead_replica_degrades_the_answer(replicas):
     gateway, handles = gateway_over(replicas)
     handles["a"][0].kill()
@@ -132,8 +142,7 @@ async def test_cancelling_a_search_cancels_its_calls_in_the_replicas(replicas):
     hanging = [Hanging(), Hanging()]
     gateway, handles = gateway_over({"a": hanging[0], "b": hanging[1], "c": replicas["c"]})
     search = asyncio.ensure_future(gateway.search({"query": "cancer", "retrievers": ["a", "b"]}))
-    while sum(h.started for h in hanging) < 2:  # every call started ...
-        await asyncio.sleep(0)
+    await asyncio.gather(*(h.entered.wait() for h in hanging))  # every call started ...
     search.cancel()  # ... and the caller went away
     with pytest.raises(asyncio.CancelledError):
         await search
