@@ -74,7 +74,10 @@ class SentenceTransformerEmbedder:
                 f"could not load embedding model {model!r}: {exc}. Use `model: default` for the "
                 "bundled all-MiniLM-L6-v2, or a local path to a sentence-transformers model."
             ) from exc
-        self.dim = int(self._model.get_embedding_dimension())
+        dim = self._model.get_embedding_dimension()
+        if dim is None:
+            raise RetrieverFailed(f"embedding model {model!r} does not say its embedding dimension")
+        self.dim = int(dim)
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
         if not texts:

@@ -73,6 +73,7 @@ class EncoderDeployment:
         return await self._encode_batch(texts)
 
     async def _run_batch(self, calls: list[list[str]]) -> list[np.ndarray]:
+        assert self.embedder is not None  # encode() answers for a replica without a model
         flat = [text for texts in calls for text in texts]
         # The forward pass holds a thread for milliseconds: keep it off the replica's event loop.
         sub_batch = CPU_SUB_BATCH if self.embedder.device == "cpu" else GPU_SUB_BATCH

@@ -39,7 +39,7 @@ def dense_index_dir(spec: RetrieverSpec, options: DenseOptions, source_sha256: s
     key = build_key(
         kind=spec.kind,
         model=spec.model_name,
-        source_sha256=source_sha256 or sha256_file(Path(spec.data)),
+        source_sha256=source_sha256 or sha256_file(spec.data_file),
         text_field=options.text_field,
         index_type=options.index,
         shard=list(spec.shard) if spec.shard else None,
@@ -55,7 +55,7 @@ def graph_vectors_dir(spec: RetrieverSpec) -> Path:
 
 
 def _triples_path(spec: RetrieverSpec) -> Path:
-    return spec.artifacts / "triples.jsonl" if spec.artifacts else Path(spec.data)
+    return spec.artifacts / "triples.jsonl" if spec.artifacts else spec.data_file
 
 
 def _check_model(spec: RetrieverSpec, directory: Path, manifest: Mapping[str, Any]) -> None:
@@ -91,7 +91,7 @@ def _dense_build(
     spec: RetrieverSpec, options: DenseOptions, source_sha256: str, encode: Encode
 ) -> Callable[[Path], dict[str, Any]]:
     def build(directory: Path) -> dict[str, Any]:
-        docs = read_documents(spec.data, text_field=options.text_field)
+        docs = read_documents(spec.data_file, text_field=options.text_field)
         if spec.shard is not None:
             docs = [d for d in docs if shard_of(d.doc_id, spec.shard[1]) == spec.shard[0]]
         vectors = encode([d.text for d in docs], f"embedding {spec.name}")
@@ -141,13 +141,13 @@ def build_missing(spec: RetrieverSpec, encode: Encode) -> bool:
 # -- opening ----------------------------------------------------------------------------------
 def open_artifacts(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
     """Load a retriever from the artifacts `ragfan ingest` wrote, after checking them."""
-    directory = Path(spec.artifacts)
+    directory = spec.artifacts_dir
     if spec.shard is not None:
         directory = shard_dir(directory, *spec.shard)
     if not (directory / "manifest.json").is_file():
         raise DataError(
             f"{directory / 'manifest.json'}: not found; build the index with "
-            f"`ragfan ingest SOURCE --out {Path(spec.artifacts).parent} --kinds {spec.kind}"
+            f"`ragfan ingest SOURCE --out {spec.artifacts_dir.parent} --kinds {spec.kind}"
             f"{f' --shards {spec.shard[1]}' if spec.shard else ''}`"
         )
     manifest = verify(directory)
@@ -191,7 +191,7 @@ def open_retriever(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
         return open_artifacts(spec, progress=progress)
     options = spec.options
     if isinstance(options, DenseOptions):
-        source_sha256 = sha256_file(spec.data)
+        source_sha256 = sha256_file(spec.data_file)
         target = dense_index_dir(spec, options, source_sha256)
 
         def load(directory: Path, manifest: dict[str, Any]) -> DenseRetriever:
@@ -206,14 +206,14 @@ def open_retriever(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
     if isinstance(options, KeywordOptions):
         return KeywordRetriever(
             name=spec.name,
-            documents=read_documents(spec.data, text_field=options.text_field),
+            documents=read_documents(spec.data_file, text_field=options.text_field),
             language=options.language,
         )
     if isinstance(options, GraphOptions):
         return _open_graph(spec, options, options.aliases, progress=progress)
     return SyntheticRetriever(
         name=spec.name,
-        documents=read_documents(spec.data, text_field=options.text_field),
+        documents=read_documents(spec.data_file, text_field=options.text_field),
         delay_ms=options.delay_ms,
         fail=options.fail,
     )

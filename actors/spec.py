@@ -108,6 +108,20 @@ class RetrieverSpec(BaseModel):
         return self.options.kind
 
     @property
+    def data_file(self) -> Path:
+        """`data`, where the caller opens a collection; a spec that has artifacts instead is a bug there."""
+        if self.data is None:
+            raise ValueError(f"{self.name} opens from artifacts, not from a data file")
+        return self.data
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """`artifacts`, where the caller opens what `ragfan ingest` wrote."""
+        if self.artifacts is None:
+            raise ValueError(f"{self.name} opens from a data file, not from artifacts")
+        return self.artifacts
+
+    @property
     def model(self) -> str:
         """The model this retriever's vectors come from; kinds that embed nothing report the default."""
         return self.options.model if isinstance(self.options, ModelOptions) else DEFAULT_MODEL

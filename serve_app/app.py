@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from actors.deployment import RetrieverDeployment
 from actors.encoder import EncoderDeployment, encoder_name
@@ -78,11 +78,11 @@ def serve_env() -> Iterator[None]:
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
+        for key, before in saved.items():
+            if before is None:
                 os.environ.pop(key, None)
             else:
-                os.environ[key] = value
+                os.environ[key] = before
 
 
 class BuildArgs(BaseModel):
@@ -97,6 +97,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return app_from_config(config)
 
 
+def _deployment(decorated: Any) -> Deployment:
+    """What `@serve.deployment` made of a class: a Deployment (Ray's type hints say it stays the class)."""
+    return decorated
+
+
 def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> Application:
     """The app for `config`. API keys: `api_keys`, else RAGFAN_API_KEYS and gateway.api_keys_file."""
     handles: dict[str, list[Any]] = {}
@@ -105,7 +110,7 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
         for r in config.retrievers:
             # One deployment per retriever, or one per shard (`corpus-shard0`, ...) of a sharded one.
             handles[r.name] = [
-                RetrieverDeployment.options(
+                _deployment(RetrieverDeployment).options(
                     name=name, ray_actor_options=r.ray_actor_options.to_ray(), **r.serve_options()
                 ).bind(spec, num_cpus=r.ray_actor_options.num_cpus,
                        max_concurrent_batches=r.batch.max_concurrent_batches)
@@ -113,11 +118,11 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
             ]
         enc = config.encoder
         for model in config.shared_models:  # one encoder per model that `encoder: shared` retrievers use
-            encoders[model] = EncoderDeployment.options(
+            encoders[model] = _deployment(EncoderDeployment).options(
                 name=encoder_name(model), ray_actor_options=enc.ray_actor_options.to_ray(), **enc.serve_options()
             ).bind(model, num_cpus=enc.ray_actor_options.num_cpus, max_batch_size=enc.batch.max_batch_size,
                    batch_wait_timeout_s=enc.batch.batch_wait_timeout_s)
-    gateway = GatewayDeployment.options(
+    gateway = _deployment(GatewayDeployment).options(
         name="gateway",
         ray_actor_options=config.gateway.ray_actor_options.to_ray(),
         **config.gateway.serve_options(),

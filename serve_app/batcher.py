@@ -113,6 +113,8 @@ class Batcher(Generic[T, R]):
         self._running[asyncio.get_running_loop().create_task(self._run(batch))] = batch
 
     async def _run(self, batch: list[_Waiter[T]]) -> None:
+        task = asyncio.current_task()
+        assert task is not None  # _dispatch runs this as a task
         deadline = max(w.deadline for w in batch)
         try:
             async with asyncio.timeout_at(deadline):
@@ -133,7 +135,7 @@ class Batcher(Generic[T, R]):
                 if not w.future.done():
                     w.future.set_result(answer)
         finally:
-            self._running.pop(asyncio.current_task(), None)
+            self._running.pop(task, None)
             self._schedule()
 
     # -- callers who gave up ----------------------------------------------------------------------

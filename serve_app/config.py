@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
+from actors.errors import ConfigError
 from actors.shards import shard_dir
 from actors.spec import (
     KINDS,
@@ -34,7 +35,6 @@ from actors.spec import (
     SyntheticOptions,
     kinds_with,
 )
-from serve_app.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).parent / "demo" / "config.yaml"
 
@@ -177,6 +177,11 @@ class _RetrieverBase(ScalingConfig):
     def shared_encoder(self) -> bool:
         return isinstance(self, ModelOptions) and self.encoder == "shared"
 
+    @property
+    def encoder_model(self) -> str | None:
+        """The model whose shared encoder encodes this retriever's queries; None when none does."""
+        return self.model if isinstance(self, ModelOptions) and self.encoder == "shared" else None
+
     def options(self) -> KindOptions:
         """This retriever's kind options, as a replica receives them."""
         options = OPTIONS[self.kind]
@@ -302,7 +307,7 @@ class AppConfig(_Strict):
     @property
     def shared_models(self) -> list[str]:
         """The models that need an encoder deployment, in the order retrievers name them."""
-        return list(dict.fromkeys(r.model for r in self.retrievers if isinstance(r, ModelOptions) and r.shared_encoder))
+        return list(dict.fromkeys(r.encoder_model for r in self.retrievers if r.encoder_model))
 
 
 def _quoted(kinds: list[str]) -> str:

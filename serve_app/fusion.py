@@ -78,8 +78,10 @@ def fuse(
     fused: dict[str, FusedHit] = {}
     best_share: dict[str, float] = {}
     for name, hits in ranked.items():
-        seen: set[str] = set()
-        unique = [h for h in hits if not (h.doc_id in seen or seen.add(h.doc_id))]  # a document counts once
+        first: dict[str, Hit] = {}
+        for h in hits:  # a document counts once, at its best rank
+            first.setdefault(h.doc_id, h)
+        unique = list(first.values())
         if not unique:
             continue
         if method == "rrf":

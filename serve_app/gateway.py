@@ -112,7 +112,7 @@ class Gateway:
                     "max_concurrent": slots(r.batch.max_concurrent_batches, r.most_replicas),
                     "wait_s": r.batch.batch_wait_timeout_s,
                 },
-                encoder=self.encoders.get(r.model) if r.shared_encoder else None,
+                encoder=self.encoders.get(r.encoder_model) if r.encoder_model else None,
                 vector_optional=r.kind == "graph",
             )
             for r in config.retrievers
@@ -245,7 +245,7 @@ class Gateway:
             infos.append(EncoderInfo(
                 name=encoder_name(lane.model), model=lane.model, healthy=detail is not None and error is None,
                 detail=detail, error=error,
-                used_by=[r.name for r in self.config.retrievers if r.shared_encoder and r.model == lane.model],
+                used_by=[r.name for r in self.config.retrievers if r.encoder_model == lane.model],
             ))
         return infos
 

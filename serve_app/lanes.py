@@ -27,7 +27,7 @@ from actors.shards import merge as merge_shards
 from actors.types import Filters, Hit, Query, Unavailable
 from serve_app.batcher import Batcher, now
 from serve_app.breaker import CircuitBreaker
-from serve_app.fanout import MAX_ERROR_CHARS, Call, Outcome, describe_error, fan_out
+from serve_app.fanout import MAX_ERROR_CHARS, Call, Outcome, Status, describe_error, fan_out
 
 logger = logging.getLogger("ray.serve")
 CIRCUIT_OPEN = "circuit open"
@@ -64,8 +64,8 @@ class EncoderLane:
             self._send, max_batch_size=max_batch_size, max_concurrent=max_concurrent
         )
 
-    async def _send(self, texts: list[str], deadline: float) -> np.ndarray:
-        return await _await_cancelling(self.handle.encode.remote(texts))
+    async def _send(self, texts: list[str], deadline: float) -> list[np.ndarray]:
+        return list(await _await_cancelling(self.handle.encode.remote(texts)))  # one row per text
 
     async def describe(self) -> Outcome:
         """What the encoder replica reports (model, dim, device), or why it does not answer."""
@@ -87,7 +87,7 @@ class _Answer:
     hits: list[Hit]
     coverage: float | None = None
     problems: str | None = None
-    status: str = "ok"  # "timeout" or "error" when no shard answered
+    status: Status = "ok"  # "timeout" or "error" when no shard answered
 
 
 class RetrieverLane:
@@ -205,9 +205,9 @@ class RetrieverLane:
             f"shard {i}: timeout" if isinstance(e, TimeoutError) else f"shard {i}: error: {describe_error(e)}"
             for i, e in failed.items()
         )[:MAX_ERROR_CHARS] or None
-        answered = [p for i, p in enumerate(parts) if i not in failed]
+        answered = [p for p in parts if not isinstance(p, BaseException)]
         if not answered:
-            status = "timeout" if all(isinstance(e, TimeoutError) for e in failed.values()) else "error"
+            status: Status = "timeout" if all(isinstance(e, TimeoutError) for e in failed.values()) else "error"
             return [_Answer([], 0.0, problems, status) for _ in queries]
         coverage = round(len(answered) / len(parts), 4)
         return [

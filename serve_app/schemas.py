@@ -27,12 +27,12 @@ def _json_integer(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def json_int(*, ge: int, le: int) -> Any:
-    """JSON Schema's integer in [ge, le]: 5 and 5.0 are integers; `true` and "5" are not (the models are strict).
-
-    The bounds go before the validator, or pydantic leaves them out of the schema's `anyOf` branch.
-    """
-    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_json_integer)]
+# JSON Schema's integer: 5 and 5.0 are integers; `true` and "5" are not (the models are strict). The
+# bounds go before the validator, or pydantic leaves them out of the schema's `anyOf` branch.
+_JSON_INTEGER = BeforeValidator(_json_integer)
+TopK = Annotated[int, Field(ge=1, le=100), _JSON_INTEGER]
+TimeoutMs = Annotated[int, Field(ge=1, le=600_000), _JSON_INTEGER]
+RRFConstant = Annotated[int, Field(ge=1, le=10_000), _JSON_INTEGER]
 
 
 def clean_query(text: str) -> str:
@@ -45,7 +45,7 @@ class FusionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     method: Literal["rrf", "minmax", "dbsf"] | None = Field(None, description="null: the configured method")
-    k: json_int(ge=1, le=10_000) | None = Field(None, description="RRF constant; null: the configured k")
+    k: RRFConstant | None = Field(None, description="RRF constant; null: the configured k")
     weights: dict[str, Annotated[float, Field(ge=0, le=1e6)]] | None = Field(
         None, description="per-retriever weights (0 to 1e6), overriding the config"
     )
@@ -59,10 +59,10 @@ class SearchRequest(BaseModel):
         "spaces; what is left must not be blank",
         json_schema_extra={"pattern": QUERY_PATTERN},
     )
-    top_k: json_int(ge=1, le=100) = Field(10, description="number of fused results")
+    top_k: TopK = Field(10, description="number of fused results")
     retrievers: list[str] | None = Field(None, min_length=1, description="retrievers to ask; null asks all")
     filters: dict[str, FilterValue] | None = Field(None, description="exact-match metadata filters")
-    timeout_ms: json_int(ge=1, le=600_000) | None = Field(None, description="lowers every retriever's deadline")
+    timeout_ms: TimeoutMs | None = Field(None, description="lowers every retriever's deadline")
     fusion: FusionOptions | None = Field(None, description="fusion method, k and weights for this request")
 
     @field_validator("query")
