@@ -13,9 +13,12 @@ import sys
 import textwrap
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actors.errors import RagError
+
+if TYPE_CHECKING:
+    from serve_app.schemas import SearchResponse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -39,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     query_p.add_argument("--timeout-ms", type=int, help="lower every retriever's deadline")
     query_p.add_argument("--url", default=os.environ.get("RAGFAN_URL", DEFAULT_URL), help=f"default {DEFAULT_URL}")
-    query_p.add_argument("--json", action="store_true", help="print the raw JSON response")
+    query_p.add_argument("--json", action="store_true", help="print the response as JSON")
     query_p.add_argument("--api-key", default=os.environ.get("RAGFAN_API_KEY"),
                          help="sent as 'Authorization: Bearer KEY' (default: $RAGFAN_API_KEY)")
 
@@ -279,74 +282,63 @@ def bench_command(args: argparse.Namespace) -> int:
 def query(args: argparse.Namespace) -> int:
     import httpx
 
-    body: dict[str, Any] = {"query": args.text, "top_k": args.top_k}
-    if args.retrievers:
-        body["retrievers"] = [r.strip() for r in args.retrievers.split(",") if r.strip()]
-    if args.filter:
-        filters = {}
-        for item in args.filter:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                print(f"ragfan: error: --filter expects KEY=VALUE, got {item!r}", file=sys.stderr)
-                return 2
-            filters[key] = value
-        body["filters"] = filters
-    if args.timeout_ms is not None:
-        body["timeout_ms"] = args.timeout_ms
-    url = args.url.rstrip("/") + "/v1/search"
-    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    from actors.errors import InvalidRequest, NoRetrieverAvailable, Overloaded, Unauthorized
+    from serve_app.client import RagClient
+
+    filters: dict[str, Any] = {}
+    for item in args.filter:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"ragfan: error: --filter expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        filters[key] = value
+    retrievers = [r.strip() for r in args.retrievers.split(",") if r.strip()] if args.retrievers else None
     try:
-        response = httpx.post(url, json=body, headers=headers, timeout=60)
-    except httpx.HTTPError as exc:
-        print(f"ragfan: error: cannot reach ragfan at {args.url} ({exc}). Is `make serve` running?", file=sys.stderr)
-        return 1
-    if response.status_code == 401:
+        with RagClient(url=args.url, api_key=args.api_key) as client:
+            response = client.search(args.text, top_k=args.top_k, retrievers=retrievers, filters=filters or None,
+                                      timeout_ms=args.timeout_ms)
+    except Unauthorized:
         print("ragfan: error: the service needs an API key: pass --api-key or set RAGFAN_API_KEY", file=sys.stderr)
         return 2
-    try:
-        payload = response.json()
-    except ValueError:
-        retry = response.headers.get("retry-after")
-        hint = f" (overloaded: retry after {retry} s)" if response.status_code == 503 and retry else ""
-        print(f"ragfan: error: {url} answered {response.status_code}{hint}: {response.text[:200]}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(payload, indent=2))
-        return 0 if response.status_code == 200 else 1
-    if response.status_code == 422:
-        for err in payload.get("detail", []):
+    except InvalidRequest as exc:
+        for err in exc.errors:
             field = ".".join(str(p) for p in err.get("loc", [])[1:]) or "body"
             print(f"ragfan: invalid request: {field}: {err.get('msg')}", file=sys.stderr)
         return 2
-    if response.status_code == 503:
-        detail = payload.get("detail", {})
-        print(f"ragfan: unavailable: {detail.get('message')}", file=sys.stderr)
-        for name, reason in detail.get("retrievers", {}).items():
+    except NoRetrieverAvailable as exc:
+        print(f"ragfan: unavailable: {exc.message}", file=sys.stderr)
+        for name, reason in exc.reasons.items():
             print(f"  {name}: {reason.get('status')}: {reason.get('error')}", file=sys.stderr)
         return 1
-    if response.status_code != 200:
-        print(f"ragfan: error: HTTP {response.status_code}: {payload}", file=sys.stderr)
+    except Overloaded as exc:
+        print(f"ragfan: error: ragfan at {args.url} is overloaded: retry after {exc.retry_after_s} s", file=sys.stderr)
         return 1
-    print(format_response(payload))
+    except httpx.TransportError as exc:
+        print(f"ragfan: error: cannot reach ragfan at {args.url} ({exc}). Is `make serve` running?", file=sys.stderr)
+        return 1
+    except RagError as exc:  # the service failed (a 5xx that persisted): not the caller's doing
+        print(f"ragfan: error: {exc.message}", file=sys.stderr)
+        return 1
+    print(response.model_dump_json(indent=2) if args.json else format_response(response))
     return 0
 
 
-def format_response(r: dict[str, Any], width: int | None = None) -> str:
+def format_response(r: SearchResponse, width: int | None = None) -> str:
     width = width or shutil.get_terminal_size((100, 24)).columns
     lines = [f"{'#':>2}  {'score':>7}  {'id':<22} {'found by (retriever#rank)':<34} text"]
-    for i, res in enumerate(r["results"], start=1):
-        found = " ".join(f"{s['retriever']}#{s['rank']}" for s in res["sources"])
-        text = " ".join(res["text"].split())
+    for i, res in enumerate(r.results, start=1):
+        found = " ".join(f"{s.retriever}#{s.rank}" for s in res.sources)
+        text = " ".join(res.text.split())
         room = max(20, width - 70)
-        lines.append(f"{i:>2}  {res['score']:7.4f}  {res['id'][:22]:<22} {found[:34]:<34} {text[:room]}")
-    if not r["results"]:
+        lines.append(f"{i:>2}  {res.score:7.4f}  {res.id[:22]:<22} {found[:34]:<34} {text[:room]}")
+    if not r.results:
         lines.append("    (no results)")
     lines.append("")
     lines.append(f"{'retriever':<12} {'status':<8} {'latency':>10} {'hits':>5}  error")
-    for name, s in r["retrievers"].items():
-        latency = f"{s['latency_ms']:.1f} ms" if s.get("latency_ms") is not None else "-"
-        lines.append(f"{name:<12} {s['status']:<8} {latency:>10} {s['num_hits']:>5}  {s.get('error') or ''}")
-    lines.append(f"\ndegraded: {'yes' if r['degraded'] else 'no'}   total: {r['latency_ms']:.1f} ms")
+    for name, s in r.retrievers.items():
+        latency = f"{s.latency_ms:.1f} ms" if s.latency_ms is not None else "-"
+        lines.append(f"{name:<12} {s.status:<8} {latency:>10} {s.num_hits:>5}  {s.error or ''}")
+    lines.append(f"\ndegraded: {'yes' if r.degraded else 'no'}   total: {r.latency_ms:.1f} ms")
     return "\n".join(lines)
 
 

@@ -1,48 +1,100 @@
-"""RagClient: search a running ragfan app from Python through its Serve DeploymentHandle.
+"""RagClient: search a running ragfan app from Python, over HTTP or through its Serve DeploymentHandle.
 
     from serve_app.client import RagClient
 
-    client = RagClient()                      # joins the running Ray cluster (address "auto")
-    r = client.search("vitamin d and multiple sclerosis", top_k=5)
-    r.results[0].id, r.retrievers["graph"].status, r.degraded
+    # Over HTTP, from anywhere that reaches the service (one pooled connection, closed on exit):
+    with RagClient(url="http://ragfan.internal:8000", api_key="...", timeout_s=60) as client:
+        r = client.search("vitamin d and multiple sclerosis", top_k=5)
+        r.results[0].id, r.retrievers["graph"].status, r.degraded
 
-    r = await client.search_async("...")      # the same, from async code
+    # Inside the Ray cluster: joins it (address "auto") and calls the app's handle.
+    client = RagClient()
+    r = await client.search_async("...")      # the same, from async code (`async with` closes it)
 
-Errors are the service's own: InvalidRequest (what HTTP answers with 422) and
-NoRetrieverAvailable (503). A search is read-only, so when the gateway replica serving it dies
-mid-call, the client sends it once more to another replica instead of raising.
+Both ways answer with the same typed `SearchResponse` and raise the same errors (actors/errors.py):
+InvalidRequest (HTTP 422, before anything is sent when the client can tell), MalformedRequest (400),
+Unauthorized (401), PayloadTooLarge (413), NoRetrieverAvailable (503 with each retriever's reason)
+and Overloaded (Serve's own 503); both carry `retry_after_s`.
+
+A search is read-only, so it is sent once more, and only once, when the first try was lost on the
+way: the gateway replica died under it (a handle's RayActorError), the connection failed (an
+httpx connect, read or remote-protocol error), or the proxy answered 500, 502 or 504 for a replica
+that died. Any other answer raises at once. A 5xx that persists raises a RagError with the status
+and the start of the body; a connection that fails twice raises httpx's own error. Timeouts are not
+retried: a slow service would only be asked to do the work twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol
 
+import httpx
 from pydantic import ValidationError
-from ray.exceptions import ActorUnavailableError, RayActorError
 
-from actors.errors import RagError
-from serve_app.errors import InvalidRequest
+from actors.errors import (
+    InvalidRequest,
+    MalformedRequest,
+    NoRetrieverAvailable,
+    Overloaded,
+    PayloadTooLarge,
+    RagError,
+    Unauthorized,
+)
+from serve_app import __version__
 from serve_app.schemas import FilterValue, FusionOptions, SearchRequest, SearchResponse
 
-T = TypeVar("T")
-ATTEMPTS = 2  # a second try when the gateway replica died under the first
+# What the proxy answers when the replica it sent a request to died, or cannot be reached.
+RETRY_STATUSES = frozenset({500, 502, 504})
+RETRY_NETWORK = (httpx.NetworkError, httpx.RemoteProtocolError)  # connect, read, write, a dropped connection
+SEARCH_PATH = "/v1/search"
+
+
+class Transport(Protocol):
+    """One way to reach the app. `send` returns the answer or the exception, so that the client
+    decides in one place whether to send again; `answer` turns it into a response or raises."""
+
+    def send(self, request: SearchRequest) -> Any: ...
+    async def send_async(self, request: SearchRequest) -> Any: ...
+    def retryable(self, outcome: Any) -> bool: ...
+    def answer(self, outcome: Any) -> SearchResponse: ...
+    def close(self) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 class RagClient:
-    def __init__(self, app_name: str = "ragfan", *, address: str = "auto") -> None:
+    def __init__(
+        self,
+        app_name: str = "ragfan",
+        *,
+        url: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        address: str = "auto",
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """`url`: search over HTTP (with `api_key` if the service has keys, and `timeout_s` per try);
+        `transport` replaces httpx's network transport, e.g. `httpx.MockTransport` in tests.
+        Without `url`: join the Ray cluster at `address` and search through app `app_name`'s handle."""
+        if url is not None:
+            self._transport: Transport = HTTPTransport(url, api_key=api_key, timeout_s=timeout_s, transport=transport)
+            return
+        if api_key is not None or transport is not None:
+            raise ValueError("api_key and transport are for HTTP: pass url= too (or neither, to use a handle)")
         import ray
         from ray import serve
 
         if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
-        self._handle = serve.get_app_handle(app_name)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        self._transport = HandleTransport(serve.get_app_handle(app_name))
 
     @classmethod
     def from_handle(cls, handle: Any) -> RagClient:
         """Wrap a handle you already hold, e.g. inside another Serve deployment."""
         client = cls.__new__(cls)
-        client._handle = handle
+        client._transport = HandleTransport(handle)
         return client
 
     def search(
@@ -56,7 +108,10 @@ class RagClient:
         fusion: FusionOptions | dict[str, Any] | None = None,
     ) -> SearchResponse:
         request = _request(query, top_k, retrievers, filters, timeout_ms, fusion)
-        return _reraise(lambda: self._handle.search.remote(request).result())
+        outcome = self._transport.send(request)
+        if self._transport.retryable(outcome):  # lost on the way: once more (a search is read-only)
+            outcome = self._transport.send(request)
+        return self._transport.answer(outcome)
 
     async def search_async(
         self,
@@ -69,10 +124,34 @@ class RagClient:
         fusion: FusionOptions | dict[str, Any] | None = None,
     ) -> SearchResponse:
         request = _request(query, top_k, retrievers, filters, timeout_ms, fusion)
-        return await _reraise_async(lambda: self._handle.search.remote(request))
+        outcome = await self._transport.send_async(request)
+        if self._transport.retryable(outcome):
+            outcome = await self._transport.send_async(request)
+        return self._transport.answer(outcome)
+
+    def close(self) -> None:
+        """Close the HTTP connection pool (a handle client holds none)."""
+        self._transport.close()
+
+    async def aclose(self) -> None:
+        """Close both HTTP connection pools, the async one too."""
+        await self._transport.aclose()
+
+    def __enter__(self) -> RagClient:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> RagClient:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.aclose()
 
 
 def _request(query, top_k, retrievers, filters, timeout_ms, fusion) -> SearchRequest:
+    """The request, validated (and its query cleaned) as the gateway does: a bad one is never sent."""
     try:
         return SearchRequest(
             query=query,
@@ -83,40 +162,156 @@ def _request(query, top_k, retrievers, filters, timeout_ms, fusion) -> SearchReq
             fusion=fusion,
         )
     except ValidationError as exc:
-        raise InvalidRequest.from_validation(exc) from None
+        raise InvalidRequest.from_validation(list(exc.errors())) from None
 
 
-def _cause(exc: Exception) -> BaseException:
-    # Ray wraps an exception raised in a replica; surface ragfan's own error to the caller.
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, RagError) else exc
+# -- through a DeploymentHandle ------------------------------------------------------------------
+class HandleTransport:
+    def __init__(self, handle: Any) -> None:
+        from ray.exceptions import ActorUnavailableError, RayActorError  # ray only where a handle is used
 
+        self._handle = handle
+        self._replica_gone = (RayActorError, ActorUnavailableError)
 
-def _should_retry(exc: Exception, attempt: int) -> bool:
-    """True to try again; otherwise raise ragfan's own error from inside Ray's wrapper, or `exc`."""
-    if isinstance(exc, RayActorError | ActorUnavailableError) and attempt < ATTEMPTS:
-        return True  # the gateway replica died under this search: another one will answer it
-    cause = _cause(exc)
-    if cause is exc:
-        return False
-    raise cause from None
-
-
-def _reraise(call: Callable[[], T]) -> T:
-    for attempt in range(1, ATTEMPTS + 1):
+    def send(self, request: SearchRequest) -> Any:
         try:
-            return call()
+            return self._handle.search.remote(request).result()
         except Exception as exc:
-            if not _should_retry(exc, attempt):
-                raise
-    raise AssertionError("unreachable")
+            return exc
 
-
-async def _reraise_async(call: Callable[[], Awaitable[T]]) -> T:
-    for attempt in range(1, ATTEMPTS + 1):
+    async def send_async(self, request: SearchRequest) -> Any:
         try:
-            return await call()
+            return await self._handle.search.remote(request)
         except Exception as exc:
-            if not _should_retry(exc, attempt):
-                raise
-    raise AssertionError("unreachable")
+            return exc
+
+    def retryable(self, outcome: Any) -> bool:
+        return isinstance(outcome, self._replica_gone)  # the gateway replica died: another one answers
+
+    def answer(self, outcome: Any) -> SearchResponse:
+        if isinstance(outcome, Exception):
+            # Ray wraps an exception raised in a replica; surface ragfan's own error to the caller.
+            cause = getattr(outcome, "cause", None)
+            if isinstance(cause, RagError):
+                raise cause from None
+            raise outcome
+        return outcome
+
+    def close(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+# -- over HTTP -----------------------------------------------------------------------------------
+class HTTPTransport:
+    """POST /v1/search on one pooled `httpx.Client`, and one `httpx.AsyncClient`, each made on first use."""
+
+    def __init__(self, url: str, *, api_key: str | None, timeout_s: float, transport: Any = None) -> None:
+        self.url = url.rstrip("/")
+        headers = {"user-agent": f"ragfan-client/{__version__}", "content-type": "application/json"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._options: dict[str, Any] = {"base_url": self.url, "headers": headers, "timeout": timeout_s}
+        self._transport = transport
+        self._client: httpx.Client | None = None
+        self._async: httpx.AsyncClient | None = None
+        self._async_loop: asyncio.AbstractEventLoop | None = None
+
+    def _sync_client(self) -> httpx.Client:
+        if self._client is None:
+            self._client = httpx.Client(transport=self._transport, **self._options)
+        return self._client
+
+    def _async_client(self) -> httpx.AsyncClient:
+        # An AsyncClient's connections belong to the event loop that opened them: a caller that runs
+        # several loops (asyncio.run twice, one per test) gets a client of the current loop's own.
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async_loop is not loop:
+            self._async = httpx.AsyncClient(transport=self._transport, **self._options)
+            self._async_loop = loop
+        return self._async
+
+    def send(self, request: SearchRequest) -> Any:
+        try:
+            return self._sync_client().post(SEARCH_PATH, content=_body(request))
+        except RETRY_NETWORK as exc:
+            return exc
+
+    async def send_async(self, request: SearchRequest) -> Any:
+        try:
+            return await self._async_client().post(SEARCH_PATH, content=_body(request))
+        except RETRY_NETWORK as exc:
+            return exc
+
+    def retryable(self, outcome: Any) -> bool:
+        if isinstance(outcome, Exception):
+            return True
+        return outcome.status_code in RETRY_STATUSES and not _is_ragfan_error(outcome)
+
+    def answer(self, outcome: Any) -> SearchResponse:
+        if isinstance(outcome, Exception):
+            raise outcome
+        if outcome.status_code == 200:
+            return SearchResponse.model_validate_json(outcome.content)
+        raise error_from_response(outcome, self.url)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        if self._async is not None:
+            await self._async.aclose()
+
+
+def _body(request: SearchRequest) -> bytes:
+    return request.model_dump_json(exclude_none=True).encode("utf-8")
+
+
+def _detail(response: httpx.Response) -> Any:
+    """`detail` of ragfan's JSON error body, or None when the body is something else (a proxy's page)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("detail") if isinstance(body, dict) else None
+
+
+def _is_ragfan_error(response: httpx.Response) -> bool:
+    return _detail(response) is not None
+
+
+def _retry_after(response: httpx.Response) -> int:
+    value = response.headers.get("retry-after", "")
+    return int(value) if value.strip().isdigit() else 1
+
+
+def error_from_response(response: httpx.Response, url: str) -> RagError:
+    """The ragfan error that an HTTP error answer stands for: the gateway's mapping, read backwards."""
+    status, detail = response.status_code, _detail(response)
+    message = detail if isinstance(detail, str) else f"HTTP {status}"
+    if status == 422:
+        try:
+            return InvalidRequest.from_validation(detail)
+        except (KeyError, TypeError):  # not FastAPI's list of {loc, msg, type}: keep what the server said
+            return InvalidRequest(message if detail is None or isinstance(detail, str) else str(detail))
+    if status == 400:
+        return MalformedRequest(message)
+    if status == 401:
+        return Unauthorized(message)
+    if status == 413:
+        return PayloadTooLarge(message)
+    if status == 503 and isinstance(detail, dict) and "retrievers" in detail:
+        return NoRetrieverAvailable(str(detail.get("message")), detail["retrievers"],
+                                    retry_after_s=_retry_after(response))
+    if status == 503:  # Serve's backpressure: the proxy refused before the request reached ragfan
+        retry = _retry_after(response)
+        return Overloaded(f"ragfan at {url} is overloaded: retry after {retry} s", retry_after_s=retry)
+    excerpt = " ".join(response.text.split())[:200]
+    return RagError(f"ragfan at {url} answered HTTP {status} {response.reason_phrase}: {excerpt}")
+
+
+__all__ = ["HTTPTransport", "HandleTransport", "RagClient", "Transport", "error_from_response"]

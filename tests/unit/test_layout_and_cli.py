@@ -4,6 +4,7 @@ from pathlib import Path
 
 from serve_app.cli import format_response, main
 from serve_app.config import check_startable, parse_config
+from serve_app.schemas import SearchResponse
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,13 +68,14 @@ def test_some_missing_files_are_problems_to_warn_about_not_a_refusal(tmp_path):
 
 
 def test_format_response_shows_results_and_statuses():
-    text = format_response({
-        "results": [{"id": "42", "score": 0.03, "text": "Vitamin D\nand MS",
+    text = format_response(SearchResponse.model_validate({
+        "query": "vitamin d",
+        "results": [{"id": "42", "score": 0.03, "text": "Vitamin D\nand MS", "metadata": {},
                      "sources": [{"retriever": "corpus", "rank": 1, "score": 0.8}]}],
         "retrievers": {"corpus": {"status": "ok", "latency_ms": 12.5, "num_hits": 1, "error": None},
                        "graph": {"status": "timeout", "latency_ms": 300.0, "num_hits": 0, "error": "no answer"}},
         "degraded": True,
         "latency_ms": 301.0,
-    })
+    }))
     assert "corpus#1" in text and "Vitamin D and MS" in text
     assert "timeout" in text and "degraded: yes" in text

@@ -1,0 +1,331 @@
+"""RagClient without a network or Ray: HTTP through `httpx.MockTransport` (and the real HTTP app on
+fake handles through `httpx.ASGITransport`), the handle client on fake handles, and `ragfan query`.
+
+Each HTTP case runs the sync and the async path: they must map every answer the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from ray.exceptions import ActorDiedError, RayTaskError
+
+import serve_app.client
+from actors.errors import RagError
+from actors.synthetic import SyntheticRetriever
+from serve_app.cli import main
+from serve_app.client import RagClient
+from serve_app.config import parse_config
+from serve_app.errors import (
+    InvalidRequest,
+    MalformedRequest,
+    NoRetrieverAvailable,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from serve_app.gateway import Gateway
+from serve_app.http import build_api, digest
+from serve_app.schemas import SearchResponse
+from serve_app.testing import FakeHandle
+
+URL = "http://ragfan.test/guard"
+ANSWER = {
+    "query": "vitamin d",
+    "results": [{"id": "d1", "text": "Vitamin D deficiency\nand MS", "score": 0.03, "metadata": {},
+                 "sources": [{"retriever": "dense", "rank": 1, "score": 0.8}]}],
+    "retrievers": {"dense": {"status": "ok", "latency_ms": 12.5, "num_hits": 1},
+                   "graph": {"status": "timeout", "latency_ms": 300.0, "num_hits": 0, "error": "no answer"}},
+    "degraded": True,
+    "latency_ms": 301.0,
+}
+REASONS = {"dense": {"status": "error", "error": "RetrieverFailed: index file is corrupt"},
+           "graph": {"status": "skipped", "error": "circuit open"}}
+
+
+class Server:
+    """Answers each request with the next of `answers` (the last one repeats) and records the requests.
+    An answer is an httpx.Response, or an exception to raise as the network would."""
+
+    def __init__(self, *answers: httpx.Response | Exception) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers[min(len(self.requests), len(self.answers)) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        # a copy: httpx binds a response's stream to the client that received it
+        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.read())
+
+    def client(self, **options) -> RagClient:
+        return RagClient(url=URL, transport=httpx.MockTransport(self), **options)
+
+
+def ok() -> httpx.Response:
+    return httpx.Response(200, json=ANSWER)
+
+
+def error(status: int, detail, **headers) -> httpx.Response:
+    return httpx.Response(status, json={"detail": detail}, headers=headers)
+
+
+def dropped(exc_type: type[httpx.TransportError]) -> httpx.TransportError:
+    return exc_type("the connection went away", request=httpx.Request("POST", URL))
+
+
+@pytest.fixture(params=["sync", "async"])
+def search(request):
+    """client, **kwargs -> the response, through search() or search_async()."""
+    if request.param == "sync":
+        return lambda client, query="vitamin d", **kw: client.search(query, **kw)
+    return lambda client, query="vitamin d", **kw: asyncio.run(client.search_async(query, **kw))
+
+
+# -- answers ------------------------------------------------------------------------------------
+def test_an_answer_is_the_typed_response_and_the_request_is_what_was_asked(search):
+    server = Server(ok())
+    r = search(server.client(api_key="k-1"), "vitamin D\x97deficiency", top_k=3, retrievers=["dense"],
+               filters={"domain": "neuro"})
+    assert isinstance(r, SearchResponse) and r.results[0].id == "d1" and r.retrievers["graph"].status == "timeout"
+    (sent,) = server.requests
+    assert (sent.method, sent.url.path) == ("POST", "/guard/v1/search")
+    assert sent.headers["authorization"] == "Bearer k-1"
+    # validated and cleaned as the gateway would; unset options are left to the server's defaults
+    assert json.loads(sent.content) == {"query": "vitamin D deficiency", "top_k": 3, "retrievers": ["dense"],
+                                        "filters": {"domain": "neuro"}}
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [({"top_k": 0}, "top_k"), ({"query": " \x00\x07 "}, "query"),
+                                               ({"fusion": {"method": "nope"}}, "fusion")])
+def test_an_invalid_request_is_refused_before_anything_is_sent(search, kwargs, field):
+    server = Server(ok())
+    with pytest.raises(InvalidRequest) as info:
+        search(server.client(), **kwargs)
+    assert info.value.errors[0]["loc"][:2] == ["body", field] and not server.requests
+
+
+# -- every status maps back to its error ----------------------------------------------------------
+def test_422_is_invalid_request_with_the_servers_errors(search):
+    errors = [{"loc": ["body", "retrievers"], "msg": "unknown retriever(s) 'zzz'; valid: a, b", "type": "value_error"}]
+    with pytest.raises(InvalidRequest) as info:
+        search(Server(error(422, errors)).client())
+    assert type(info.value) is InvalidRequest and info.value.errors == errors
+    assert info.value.message == "retrievers: unknown retriever(s) 'zzz'; valid: a, b"
+
+
+@pytest.mark.parametrize(("status", "error_type"), [(400, MalformedRequest), (401, Unauthorized),
+                                                    (413, PayloadTooLarge)])
+def test_400_401_413_are_their_errors_with_the_servers_message(search, status, error_type):
+    server = Server(error(status, "what was wrong"))
+    with pytest.raises(error_type) as info:
+        search(server.client())
+    assert type(info.value) is error_type and info.value.message == "what was wrong"
+    assert len(server.requests) == 1
+
+
+def test_503_with_ragfans_body_is_no_retriever_available_with_each_reason(search):
+    body = {"message": "no selected retriever answered", "retrievers": REASONS}
+    server = Server(error(503, body, **{"Retry-After": "7"}))
+    with pytest.raises(NoRetrieverAvailable) as info:
+        search(server.client())
+    assert info.value.reasons == REASONS and info.value.retry_after_s == 7
+    assert info.value.message == "no selected retriever answered" and len(server.requests) == 1
+
+
+def test_any_other_503_is_overloaded_with_retry_after(search):
+    # Serve's backpressure: the proxy refuses before ragfan sees the request, with a plain-text body
+    server = Server(httpx.Response(503, text="Service Unavailable", headers={"Retry-After": "2"}))
+    with pytest.raises(Overloaded) as info:
+        search(server.client())
+    assert type(info.value) is Overloaded and info.value.retry_after_s == 2 and "retry after 2 s" in info.value.message
+    assert len(server.requests) == 1
+
+
+# -- the retry-once rule ----------------------------------------------------------------------------
+@pytest.mark.parametrize("first", [
+    dropped(httpx.ConnectError), dropped(httpx.ReadError), dropped(httpx.RemoteProtocolError),
+    httpx.Response(500, text="Internal Server Error"), httpx.Response(502, text="Bad Gateway"),
+    httpx.Response(504, text="Gateway Timeout"),
+], ids=["connect", "read", "remote-protocol", "500", "502", "504"])
+def test_a_search_lost_on_the_way_is_sent_once_more(search, first):
+    server = Server(first, ok())
+    assert search(server.client()).results[0].id == "d1"
+    assert len(server.requests) == 2 and server.requests[0].content == server.requests[1].content
+
+
+def test_a_connection_that_fails_twice_raises_httpx_error(search):
+    server = Server(dropped(httpx.ConnectError))
+    with pytest.raises(httpx.ConnectError):
+        search(server.client())
+    assert len(server.requests) == 2
+
+
+def test_a_5xx_that_persists_raises_rag_error_with_status_and_body(search):
+    server = Server(httpx.Response(502, text="upstream   replica\n died"))
+    with pytest.raises(RagError) as info:
+        search(server.client())
+    assert type(info.value) is RagError and len(server.requests) == 2
+    assert info.value.message == f"ragfan at {URL} answered HTTP 502 Bad Gateway: upstream replica died"
+
+
+@pytest.mark.parametrize("answer", [
+    error(500, "ragfan's own failure"),  # the gateway answered: the same search would fail again
+    error(503, {"message": "none", "retrievers": REASONS}), error(422, []), error(401, "no key"),
+    httpx.Response(404, text="Not Found"), dropped(httpx.ReadTimeout),  # a timeout would double the wait
+], ids=["ragfan-500", "503", "422", "401", "404", "timeout"])
+def test_anything_else_is_not_retried(search, answer):
+    server = Server(answer, ok())
+    with pytest.raises((RagError, httpx.ReadTimeout)):
+        search(server.client())
+    assert len(server.requests) == 1
+
+
+# -- connections ----------------------------------------------------------------------------------
+def test_the_client_closes_its_pools_on_exit():
+    server = Server(ok())
+    with server.client() as client:
+        client.search("x")
+    assert client._transport._client.is_closed
+
+    async def use() -> RagClient:
+        async with server.client() as client:
+            await client.search_async("x")
+        assert client._transport._async.is_closed
+        return client
+
+    asyncio.run(use())
+
+
+def test_the_async_pool_follows_the_event_loop_it_is_used_on():
+    client = Server(ok()).client()
+    for _ in range(2):  # a pool's connections belong to one loop: a second asyncio.run needs its own
+        assert asyncio.run(client.search_async("x")).results
+
+
+def test_a_handle_client_takes_no_api_key():
+    with pytest.raises(ValueError, match="pass url="):
+        RagClient(api_key="k")
+
+
+# -- against the real HTTP app, on fake handles ----------------------------------------------------
+@pytest.fixture
+def app(docs):
+    config = parse_config({"retrievers": [{"name": n, "kind": "synthetic", "data": "unused.jsonl"} for n in "ab"]},
+                          base_dir=Path("."))
+    gateway = Gateway(config, {n: [FakeHandle(SyntheticRetriever(name=n, documents=docs))] for n in "ab"})
+    return build_api(gateway, key_digests=[digest("k-1")])
+
+
+async def test_the_real_app_answers_and_its_errors_map_back(app):
+    transport = httpx.ASGITransport(app=app)
+    async with RagClient(url="http://app", api_key="k-1", transport=transport) as client:
+        r = await client.search_async("vitamin D\x00deficiency\x85and multiple sclerosis", top_k=2)
+        assert r.query == "vitamin D deficiency and multiple sclerosis" and r.results[0].id == "d1"
+        with pytest.raises(InvalidRequest) as info:
+            await client.search_async("x", retrievers=["zzz"])
+        assert info.value.errors[0]["loc"] == ["body", "retrievers"] and "valid: a, b" in info.value.message
+    async with RagClient(url="http://app", api_key="wrong", transport=transport) as client:
+        with pytest.raises(Unauthorized):
+            await client.search_async("x")
+
+
+# -- through a handle -----------------------------------------------------------------------------
+class Gateways:
+    """A gateway's `search` for FakeHandle: the first `die` calls fail as a dead replica's would."""
+
+    def __init__(self, die: int = 0, error: Exception | None = None) -> None:
+        self.die, self.error, self.calls = die, error, 0
+
+    async def search(self, request):
+        self.calls += 1
+        if self.calls <= self.die:
+            raise ActorDiedError()
+        if self.error is not None:
+            raise self.error
+        return SearchResponse.model_validate({**ANSWER, "query": request.query})
+
+
+async def test_the_handle_client_sends_once_more_when_the_gateway_replica_died():
+    gateways = Gateways(die=1)
+    r = await RagClient.from_handle(FakeHandle(gateways)).search_async("vitamin D\x07deficiency")
+    assert r.query == "vitamin D deficiency" and gateways.calls == 2
+    gateways = Gateways(die=2)
+    with pytest.raises(ActorDiedError):
+        await RagClient.from_handle(FakeHandle(gateways)).search_async("x")
+    assert gateways.calls == 2
+
+
+async def test_the_handle_client_raises_ragfans_error_from_inside_rays_wrapper():
+    reasons_error = NoRetrieverAvailable("none answered", REASONS, retry_after_s=4)
+    wrapped = RayTaskError("search", "traceback", reasons_error)
+    gateways = Gateways(error=wrapped)
+    with pytest.raises(NoRetrieverAvailable) as info:
+        await RagClient.from_handle(FakeHandle(gateways)).search_async("x")
+    assert info.value.reasons == REASONS and info.value.retry_after_s == 4 and gateways.calls == 1
+
+
+# -- ragfan query --------------------------------------------------------------------------------
+@pytest.fixture
+def serve(monkeypatch):
+    """serve(*answers): `ragfan query --url URL` from now on talks to a Server with those answers."""
+    def install(*answers) -> Server:
+        server = Server(*answers)
+        mock = functools.partial(RagClient, transport=httpx.MockTransport(server))
+        monkeypatch.setattr(serve_app.client, "RagClient", mock)
+        return server
+    return install
+
+
+def query(*args: str) -> int:
+    return main(["query", "vitamin d", "--url", URL, *args])
+
+
+def test_query_prints_the_fused_results(serve, capsys):
+    server = serve(ok())
+    assert query("--api-key", "k-1", "--top-k", "3", "--filter", "domain=neuro", "--retrievers", "dense, graph") == 0
+    assert json.loads(server.requests[0].content) == {"query": "vitamin d", "top_k": 3,
+                                                       "retrievers": ["dense", "graph"], "filters": {"domain": "neuro"}}
+    out = capsys.readouterr().out
+    assert "dense#1" in out and "Vitamin D deficiency and MS" in out and "degraded: yes" in out
+
+
+def test_query_json_prints_the_response(serve, capsys):
+    serve(ok())
+    assert query("--json") == 0
+    assert SearchResponse.model_validate_json(capsys.readouterr().out) == SearchResponse.model_validate(ANSWER)
+
+
+@pytest.mark.parametrize(("answer", "code", "lines"), [
+    (error(401, "missing key"), 2, ["ragfan: error: the service needs an API key: pass --api-key or set "
+                                    "RAGFAN_API_KEY"]),
+    (error(422, [{"loc": ["body", "retrievers"], "msg": "unknown retriever(s) 'zzz'", "type": "value_error"},
+                 {"loc": ["body", "top_k"], "msg": "too many", "type": "value_error"}]), 2,
+     ["ragfan: invalid request: retrievers: unknown retriever(s) 'zzz'", "ragfan: invalid request: top_k: too many"]),
+    (error(503, {"message": "no selected retriever answered", "retrievers": REASONS}), 1,
+     ["ragfan: unavailable: no selected retriever answered", "  dense: error: RetrieverFailed: index file is corrupt",
+      "  graph: skipped: circuit open"]),
+    (httpx.Response(503, text="Service Unavailable", headers={"Retry-After": "3"}), 1,
+     [f"ragfan: error: ragfan at {URL} is overloaded: retry after 3 s"]),
+    (httpx.Response(502, text="Bad Gateway"), 1, [f"ragfan: error: ragfan at {URL} answered HTTP 502 Bad Gateway: "
+                                                  "Bad Gateway"]),
+    (dropped(httpx.ConnectError), 1, [f"ragfan: error: cannot reach ragfan at {URL} (the connection went away). "
+                                      "Is `make serve` running?"]),
+], ids=["401", "422", "503-ragfan", "503-overloaded", "502", "unreachable"])
+def test_query_says_what_went_wrong(serve, capsys, answer, code, lines):
+    serve(answer)
+    assert query() == code
+    assert capsys.readouterr().err.splitlines() == lines
+
+
+def test_query_checks_the_request_before_sending_it(serve, capsys):
+    server = serve(ok())
+    assert query("--top-k", "0") == 2
+    assert capsys.readouterr().err.startswith("ragfan: invalid request: top_k: ") and not server.requests
+
