@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from actors.types import Hit, Query
+from actors.types import CancelToken, Hit, Query
 
 
 @runtime_checkable
@@ -14,12 +14,16 @@ class Retriever(Protocol):
 
     Batched by nature so that a deployment can hand it everything `@serve.batch` collected and
     the model encodes all of it in one call.
+
+    `cancel` is set when the caller stops waiting (the gateway's deadline passed): a search checks
+    it between its stages and batches and raises `Cancelled` there, so work nobody waits for stops
+    at the next boundary instead of running to the end in the replica's worker thread.
     """
 
     name: str
     kind: str
 
-    def search(self, queries: Sequence[Query]) -> list[list[Hit]]: ...
+    def search(self, queries: Sequence[Query], *, cancel: CancelToken | None = None) -> list[list[Hit]]: ...
 
     def describe(self) -> dict[str, Any]:
         """A short summary for `/v1/retrievers`: doc count, model, index type."""

@@ -11,7 +11,8 @@ away. A fact's score is
 
 so near facts outrank far ones, and among facts at the same distance the ones that read like the
 query come first. Each hit is one fact, or the path from a seed to it when it is more than one hop
-away, with the entities, relation and source document in its metadata.
+away, with the entities, relation and source document in its metadata. A search stops after
+encoding and between queries when its caller cancels it (`cancel`, see actors/base.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from actors.data import Triple
 from actors.embedder import Embedder, SharedEncoderVectors, query_vectors
 from actors.errors import RetrieverFailed
-from actors.types import Hit, Query, matches
+from actors.types import CancelToken, Hit, Query, matches
 
 _WORD = re.compile(r"[\w\-']+")
 MAX_NGRAM = 6
@@ -116,7 +117,7 @@ class GraphRetriever:
     def _expand(self, seeds: dict[str, float]) -> dict[int, tuple[float, list[int]]]:
         """Breadth-first from the seeds: fact index -> (best path weight, path of fact indices)."""
         reached: dict[int, tuple[float, list[int]]] = {}
-        frontier = {entity: (score, []) for entity, score in seeds.items()}
+        frontier: dict[str, tuple[float, list[int]]] = {entity: (score, []) for entity, score in seeds.items()}
         visited = set(frontier)
         for hop in range(1, self.hops + 1):
             nxt: dict[str, tuple[float, list[int]]] = {}
@@ -135,10 +136,11 @@ class GraphRetriever:
             frontier = nxt
         return reached
 
-    def search(self, queries: Sequence[Query]) -> list[list[Hit]]:
+    def search(self, queries: Sequence[Query], *, cancel: CancelToken | None = None) -> list[list[Hit]]:
         if not queries:
             return []
-        vectors: Sequence[np.ndarray | None]
+        cancel = cancel or CancelToken()
+        vectors: Sequence[np.ndarray | None] | np.ndarray
         if isinstance(self.embedder, SharedEncoderVectors) and any(q.vector is None for q in queries):
             # The gateway sends no vector when the shared encoder failed: link by name only, and
             # still answer, rather than fail with the encoder.
@@ -147,6 +149,7 @@ class GraphRetriever:
             vectors = query_vectors(self.embedder, queries, self._entity_vectors.shape[1])
         results = []
         for query, vector in zip(queries, vectors, strict=True):
+            cancel.check()  # after encoding, and between queries: the caller may have stopped waiting
             seeds = self.link(query.text, vector)
             reached = self._expand(seeds)
             best: dict[str, Hit] = {}  # the same fact may be stated by several sources

@@ -9,6 +9,14 @@ source or model builds a new index and an unchanged one is reused.
         manifest.json   format version, kind, model, dim, doc count, index type, checksums
         docs.jsonl      the documents (id, text, metadata), with docs.offsets.npy (see docstore.py)
         ...             kind-specific files: index.faiss (dense), the BM25 matrices (keyword)
+
+`ragfan ingest` writes to a fixed path instead (`OUT/dense`), and rebuilds it in place when the
+source changes. `swap_in` keeps that path valid throughout: the path is a symlink to a version
+directory, and a rebuild writes a new version and replaces the link with one rename:
+
+    OUT/dense -> .dense.v20250101T120000.000123-1a2b    what readers open, through the link
+    OUT/.dense.v20250101T120000.000123-1a2b/            the current version
+    OUT/.dense.v20241231T090000.456789-9f8e/            the one before, kept for a reader that opened it
 """
 
 from __future__ import annotations
@@ -16,10 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,3 +114,40 @@ def verify(directory: Path) -> dict[str, Any]:
         if not path.is_file() or sha256_file(path) != expected:
             raise DataError(f"{path}: missing or corrupt (checksum mismatch); delete {directory} to rebuild")
     return manifest
+
+
+def swap_in(target: Path, *, build: Callable[[Path], dict[str, Any]]) -> Path:
+    """Build a new version of `target` beside it, then point `target` at it in one atomic rename.
+
+    A reader of `target` sees the old version or the new one, never a missing or half-written
+    directory (`rename(2)` replaces the link in one step). The version before stays, for a reader
+    that resolved the link just before the swap; older versions are deleted. Returns the version.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # A plain directory was written by an older ragfan, before versions: it becomes the version before.
+    legacy = target.with_name(_version_name(target)) if target.is_dir() and not target.is_symlink() else None
+    previous = target.parent / os.readlink(target) if target.is_symlink() else legacy
+    version = target.with_name(_version_name(target))
+    load_or_build(version, build=build, load=lambda d, m: None)
+    if legacy is not None:
+        # Moving it aside leaves the path missing for an instant, this once; every later swap is atomic.
+        target.rename(legacy)
+    link = target.with_name(f".{target.name}.link-{secrets.token_hex(4)}")
+    os.symlink(version.name, link)  # relative: the output directory can be moved or mounted elsewhere
+    os.replace(link, target)
+    for old in versions(target):
+        if old not in (version, previous):
+            shutil.rmtree(old, ignore_errors=True)
+    return version
+
+
+def versions(target: Path) -> list[Path]:
+    """The version directories `swap_in` wrote for `target`, oldest first."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.v\d{{8}}T\d{{6}}\.\d{{6}}-[0-9a-f]{{4}}")
+    return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir())
+
+
+def _version_name(target: Path) -> str:
+    # Sorted by build time, and unique: microseconds, then a random tag for builds racing each other.
+    now = datetime.now(UTC)
+    return f".{target.name}.v{now:%Y%m%dT%H%M%S.%f}-{secrets.token_hex(2)}"

@@ -2,16 +2,17 @@
 
 Embedding is the expensive part, so it is spread over a pool of Ray actors, each loading the model
 once and encoding shards of a few hundred chunks. More CPUs, more nodes or a GPU (one actor per
-GPU) make it faster with no change here. The artifacts of each kind go to `<out>/<kind>/`, written
-through `index.load_or_build`'s temporary-directory-and-rename, so a crash leaves nothing that
-loads. A second run on an unchanged source with the same settings reuses what is there.
+GPU) make it faster with no change here. The artifacts of each kind go to `<out>/<kind>/`, a
+symlink to the version written last (`index.swap_in`): a rebuild writes a new version, complete
+and checked, then replaces the link in one atomic rename, so a reader never finds the path missing
+and a crash leaves the old version in place. A second run on an unchanged source with the same
+settings reuses what is there.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from actors.data import read_aliases, read_triples
 from actors.dense import DenseRetriever, IndexType, make_index
 from actors.embedder import DEFAULT_MODEL, SharedEncoderVectors, resolve_model
 from actors.errors import DataError
-from actors.index import FORMAT_VERSION, MANIFEST, load_or_build, verify
+from actors.index import FORMAT_VERSION, MANIFEST, swap_in, verify
 from actors.keyword import KeywordRetriever
 from actors.shards import shard_dir, shard_of
 from actors.sources import chunk, read_source, source_sha256
@@ -203,7 +204,7 @@ def ingest(
         if not part:
             raise DataError(f"{source}: shard {shard[0]} of {shard[1]} would hold no documents; use fewer shards")
         target.parent.mkdir(parents=True, exist_ok=True)
-        _replace(target, partial(_build, kind, part, extra, model=model, index_type=index_type, progress=progress))
+        swap_in(target, build=partial(_build, kind, part, extra, model=model, index_type=index_type, progress=progress))
         manifest = verify(target)
         reports.append(KindReport(
             kind, target, False, manifest["num_docs"], time.perf_counter() - started, manifest.get("embed_docs_per_s")
@@ -232,19 +233,6 @@ def _build(
     return {**dense.save(directory), **extra, "embed_docs_per_s": round(rate, 1)}
 
 
-def _replace(target: Path, build) -> None:
-    """Build into a fresh directory beside `target`, then swap it in; the old one goes last."""
-    fresh = target.with_name(f"{target.name}.new")
-    shutil.rmtree(fresh, ignore_errors=True)
-    load_or_build(fresh, build=build, load=lambda d, m: None)
-    old = target.with_name(f"{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    fresh.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _ingest_graph(triples: Path, aliases: Path | None, target: Path, model: str) -> KindReport:
     started = time.perf_counter()
     wanted = {
@@ -267,5 +255,5 @@ def _ingest_graph(triples: Path, aliases: Path | None, target: Path, model: str)
         (directory / "aliases.json").write_text(json.dumps(alias_map, indent=1))
         return {**wanted, "num_docs": len(facts), "source": str(triples)}
 
-    _replace(target, build)
+    swap_in(target, build=build)
     return KindReport("graph", target, False, len(facts), time.perf_counter() - started)

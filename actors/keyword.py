@@ -2,7 +2,8 @@
 
 Built in memory from a `data` file when a replica starts (a second or two for tens of thousands of
 documents), or loaded from artifacts that `ragfan ingest` wrote: the BM25 sparse matrices and the
-on-disk document store.
+on-disk document store. A search stops between queries when its caller cancels it (`cancel`,
+see actors/base.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import Stemmer
 
 from actors.docstore import DocStore, metadata_index, write_docstore
 from actors.errors import RetrieverFailed
-from actors.types import Document, Hit, Query, filter_text
+from actors.types import CancelToken, Document, Hit, Query, filter_text
 
 
 class KeywordRetriever:
@@ -65,9 +66,10 @@ class KeywordRetriever:
             bm25=bm25s.BM25.load(directory, mmap=True),
         )
 
-    def search(self, queries: Sequence[Query]) -> list[list[Hit]]:
+    def search(self, queries: Sequence[Query], *, cancel: CancelToken | None = None) -> list[list[Hit]]:
         if not queries:
             return []
+        cancel = cancel or CancelToken()
         tokens = bm25s.tokenize(
             [q.text for q in queries],
             stopwords=self._stopwords,
@@ -77,6 +79,7 @@ class KeywordRetriever:
         )
         results: list[list[Hit]] = []
         for query, words in zip(queries, tokens, strict=True):
+            cancel.check()  # between queries: the caller may have stopped waiting
             words = [w for w in words if w and w in self._vocab]
             if not words:  # nothing in the query occurs in the collection
                 results.append([])

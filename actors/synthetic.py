@@ -3,20 +3,23 @@
 It ranks its documents by word overlap with the query (a real, if simple, ranking) and answers
 `delay_ms` after the batch arrived: it sleeps whatever the ranking left of that time, the way a
 remote or slow backend costs about the same for one query as for several. `fail: always` makes every batch
-raise, to exercise degraded answers. It reproduces the latency profile of the design ragfan
-replaces (`ragfan bench --profile seed`) and is never part of the default config.
+raise, to exercise degraded answers. Its wait ends early, and it stops between queries, when the
+caller cancels the call (`cancel`, see actors/base.py). `describe()` lists when its recent calls
+started and ended (`time.monotonic()`, one clock for every process of a machine), so a test can
+show calls overlapping by their order, not by their timing. It reproduces the latency profile of
+the design ragfan replaces (`ragfan bench --profile seed`) and is never part of the default config.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from actors.errors import RetrieverFailed
-from actors.types import Document, Hit, Query, matches
+from actors.types import CancelToken, Document, Hit, Query, matches
 
 _WORD = re.compile(r"\w+")
 
@@ -38,23 +41,30 @@ class SyntheticRetriever:
         self.fail = fail
         self._words = [frozenset(_WORD.findall(d.text.lower())) for d in self.documents]
         self._postings: dict[str, list[int]] = defaultdict(list)  # word -> documents that contain it
+        self.recent_calls: deque[tuple[float, float]] = deque(maxlen=64)  # (started, ended), oldest first
         for i, words in enumerate(self._words):
             for word in words:
                 self._postings[word].append(i)
 
-    def search(self, queries: Sequence[Query]) -> list[list[Hit]]:
-        started = time.perf_counter()
+    def search(self, queries: Sequence[Query], *, cancel: CancelToken | None = None) -> list[list[Hit]]:
+        cancel = cancel or CancelToken()
+        started, started_at = time.perf_counter(), time.monotonic()
         try:
-            return self._rank(queries)
+            return self._rank(queries, cancel)
         finally:
-            # The service time is delay_ms per batch, ranking included, whether it succeeds or fails.
-            time.sleep(max(0.0, self.delay_ms / 1000 - (time.perf_counter() - started)))
+            try:
+                # The service time is delay_ms per batch, ranking included, whether it succeeds or
+                # fails; a cancelled call stops waiting at once (Cancelled).
+                cancel.wait(self.delay_ms / 1000 - (time.perf_counter() - started))
+            finally:
+                self.recent_calls.append((started_at, time.monotonic()))
 
-    def _rank(self, queries: Sequence[Query]) -> list[list[Hit]]:
+    def _rank(self, queries: Sequence[Query], cancel: CancelToken) -> list[list[Hit]]:
         if self.fail == "always":
             raise RetrieverFailed(f"{self.name}: configured to fail (fail: always)")
         results = []
         for q in queries:
+            cancel.check()
             words = frozenset(_WORD.findall(q.text.lower()))
             # Only documents sharing a word can score above 0: visit those, not the whole collection.
             candidates = {i for word in words for i in self._postings.get(word, ())}
@@ -68,7 +78,12 @@ class SyntheticRetriever:
         return results
 
     def describe(self) -> dict[str, Any]:
-        return {"num_docs": len(self.documents), "delay_ms": self.delay_ms, "fail": self.fail}
+        return {
+            "num_docs": len(self.documents),
+            "delay_ms": self.delay_ms,
+            "fail": self.fail,
+            "recent_calls": [{"started": s, "ended": e} for s, e in self.recent_calls],
+        }
 
     def check(self) -> None:
         if not self.documents:

@@ -6,6 +6,7 @@ them without loading a model.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,3 +79,44 @@ class Unavailable:
     """What a retriever that failed to start answers instead of hits: the reason."""
 
     reason: str
+
+
+class Cancelled(Exception):
+    """A search stopped early because its caller stopped waiting for it.
+
+    Raised inside a replica's worker thread and never seen by a user: the call it belongs to was
+    already cancelled. Like `asyncio.CancelledError`, a signal rather than an error, so it stays
+    out of the error tree in actors/errors.py.
+    """
+
+
+class CancelToken:
+    """Tells a search running in a worker thread that its caller gave up.
+
+    A coroutine cannot stop a thread, so the replica hands the search a token and sets it when the
+    call is cancelled (at the gateway's deadline); the retriever checks it at each stage or batch
+    boundary and stops there. `wait` is a sleep that ends early when the token is set.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """Raise Cancelled if the caller gave up; call it between stages."""
+        if self._event.is_set():
+            raise Cancelled("the caller stopped waiting for this search")
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to `seconds`; raise Cancelled as soon as the caller gives up."""
+        if self._event.wait(max(0.0, seconds)):
+            raise Cancelled("the caller stopped waiting for this search")
+

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import time
+import itertools
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,18 +19,29 @@ def search(http, url, **body):
     return http.post(f"{url}/v1/search", json={"query": "vitamin d cancer risk", **body})
 
 
+def detail(http, url, name) -> dict:
+    """What the retriever's replica reports about itself (describe()), through /v1/retrievers."""
+    infos = http.get(f"{url}/v1/retrievers").json()["retrievers"]
+    return next(i for i in infos if i["name"] == name)["detail"]
+
+
+def all_started_before_any_ended(calls: list[dict]) -> bool:
+    """Calls overlapped: the last to start started before the first to end ended (one clock per machine)."""
+    return max(c["started"] for c in calls) < min(c["ended"] for c in calls)
+
+
 def test_four_200ms_retrievers_answer_together(faults_url, http):
     search(http, faults_url, retrievers=SLOW)  # warm the path once
-    latencies = []
     for _ in range(3):
         r = search(http, faults_url, retrievers=SLOW)
         assert r.status_code == 200
         body = r.json()
         assert all(body["retrievers"][n]["status"] == "ok" for n in SLOW)
-        assert all(body["retrievers"][n]["latency_ms"] >= 200 for n in SLOW)
-        latencies.append(body["latency_ms"])
-    # one after another they take 800 ms; in parallel, the slowest (200 ms) plus overhead
-    assert sorted(latencies)[1] < 400, latencies
+        # each retriever's call of this request: the last one its replica made
+        calls = [detail(http, faults_url, n)["recent_calls"][-1] for n in SLOW]
+        # one after another, each would end before the next started; in parallel, all four 200 ms
+        # calls started before any of them ended
+        assert all_started_before_any_ended(calls), calls
 
 
 def test_a_raising_retriever_degrades_the_answer(faults_url, http):
@@ -44,23 +56,49 @@ def test_a_raising_retriever_degrades_the_answer(faults_url, http):
 
 
 def test_a_hanging_retriever_times_out_at_its_deadline(faults_url, http):
-    started = time.perf_counter()
+    wait_until(lambda: detail(http, faults_url, "hanging")["calls"]["running"] == 0, 30)
+    before = detail(http, faults_url, "hanging")["calls"]
     r = search(http, faults_url, retrievers=["slow1", "hanging"])
-    wall = time.perf_counter() - started
     assert r.status_code == 200
     body = r.json()
-    assert body["degraded"] is True
+    assert body["degraded"] is True and body["retrievers"]["slow1"]["status"] == "ok"
     hanging = body["retrievers"]["hanging"]
     assert hanging["status"] == "timeout" and "300 ms" in hanging["error"]
-    assert 300 <= hanging["latency_ms"] < 1000
-    assert wall < 2.0  # the 5 s sleep is never waited for
+    assert hanging["latency_ms"] >= 300  # the deadline never fires early
+    # The 5 s sleep is never waited for: the call was cancelled and stopped, it did not run out.
+    wait_until(lambda: detail(http, faults_url, "hanging")["calls"]["running"] == 0, 30)
+    after = detail(http, faults_url, "hanging")["calls"]
+    assert {k: after[k] - before[k] for k in ("started", "cancelled", "stopped_early")} == {
+        "started": 1, "cancelled": 1, "stopped_early": 1,
+    }
 
 
-def test_the_request_timeout_lowers_every_deadline_and_503_lists_reasons(faults_url, http):
+def test_a_cancelled_call_stops_working_in_the_replica(faults_url, http):
+    """At the deadline the replica is told to stop, and the search stops: counted in the replica."""
+    def calls() -> dict:
+        return detail(http, faults_url, "stuck")["calls"]
+
+    wait_until(lambda: calls()["running"] == 0, 30)  # calls left by earlier tests have stopped
+    before = calls()
+    for _ in range(4):  # each call sleeps for a minute, unless it is stopped
+        r = search(http, faults_url, retrievers=["quick", "stuck"])
+        assert r.status_code == 200 and r.json()["retrievers"]["stuck"]["status"] == "timeout"
+        wait_until(lambda: calls()["running"] == 0, 30)
+    after = calls()
+    grew = {k: after[k] - before[k] for k in ("started", "cancelled", "stopped_early")}
+    print(f"\nstuck, 4 requests past their 300 ms deadline: replica calls {grew}")
+    # every call was cancelled in the replica, and every one stopped there rather than sleeping on
+    assert grew == {"started": 4, "cancelled": 4, "stopped_early": 4}
+
+
+def test_the_request_timeout_lowers_every_deadline(faults_url, http):
     r = search(http, faults_url, retrievers=["slow1", "slow2"], timeout_ms=50)
-    assert r.status_code == 503
-    assert r.headers["retry-after"] == "1"
-    reasons = r.json()["detail"]["retrievers"]
+    # the request's own deadline cut both short: a degraded empty answer, not a 503 (see the gateway)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["results"] == [] and body["degraded"] is True
+    reasons = {n: {"status": body["retrievers"][n]["status"], "error": body["retrievers"][n]["error"]}
+               for n in ("slow1", "slow2")}
     assert reasons == {
         "slow1": {"status": "timeout", "error": "no answer within 50 ms"},
         "slow2": {"status": "timeout", "error": "no answer within 50 ms"},
@@ -82,9 +120,11 @@ def test_max_concurrent_batches_lets_a_replica_overlap_slow_batches(faults_url, 
 
     timed()
     with ThreadPoolExecutor(4) as pool:
-        latencies = sorted(pool.map(lambda _: timed(), range(4)))
-    # one 300 ms batch of one query at a time would take 1200 ms for the last of four
-    assert latencies[-1] < 900, latencies
+        list(pool.map(lambda _: timed(), range(4)))
+    calls = detail(http, faults_url, "overlapping")["recent_calls"][-4:]  # the four requests' batches
+    # one 300 ms batch at a time, each would end before the next started; four at a time, the
+    # replica started all four before it ended any
+    assert all_started_before_any_ended(calls), calls
 
 
 def test_disabled_app_answers_empty_at_once(off_url, http):
@@ -93,7 +133,7 @@ def test_disabled_app_answers_empty_at_once(off_url, http):
     body = r.json()
     assert body["results"] == [] and body["degraded"] is False
     assert {s["status"] for s in body["retrievers"].values()} == {"skipped"}
-    assert body["latency_ms"] < 100
+    assert all("disabled" in s["error"] for s in body["retrievers"].values())  # answered without asking any
     assert http.post(f"{off_url}/v1/search", json={"query": ""}).status_code == 422
     info = http.get(f"{off_url}/v1/retrievers").json()
     assert info["enabled"] is False and not any(i["healthy"] for i in info["retrievers"])
@@ -103,41 +143,48 @@ def test_disabled_app_answers_empty_at_once(off_url, http):
 
 def test_killing_a_retrievers_replicas_during_traffic_loses_no_request(base_url, http):
     codes: list[int] = []
-    keyword_statuses: list[str] = []
-    stop = time.perf_counter() + 12
+    keyword: list[tuple[int, str]] = []  # (request sequence number, keyword's status), in answer order
+    sent = itertools.count()
+    killed = threading.Event()
+    stop = threading.Event()
 
     def client_loop() -> None:
         with httpx.Client(timeout=30) as c:
-            while time.perf_counter() < stop:
+            while not stop.is_set():
+                number = next(sent) if killed.is_set() else -1  # numbered once the kill is done
                 r = c.post(f"{base_url}/v1/search", json={"query": "insulin resistance and obesity", "top_k": 5})
                 codes.append(r.status_code)
                 if r.status_code == 200:
-                    keyword_statuses.append(r.json()["retrievers"]["keyword"]["status"])
+                    keyword.append((number, r.json()["retrievers"]["keyword"]["status"]))
+
+    def down_then_back() -> tuple[int, int] | None:
+        """The first request sent after the kill that saw keyword not ok, and a later one that saw it ok."""
+        down = min((n for n, s in keyword if n >= 0 and s != "ok"), default=None)
+        back = min((n for n, s in keyword if down is not None and n > down and s == "ok"), default=None)
+        return None if back is None else (down, back)
 
     victims = replica_actors("ragfan", "keyword")
     assert victims
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(client_loop) for _ in range(4)]
-        time.sleep(2)
-        killed_at = time.perf_counter()
+        wait_until(lambda: len(keyword) >= 8, 30)  # traffic flows before the kill
         for actor in victims:
             ray.kill(actor, no_restart=True)
-
-        def keyword_ok_again() -> bool:
-            r = http.post(f"{base_url}/v1/search", json={"query": "obesity", "retrievers": ["keyword"]})
-            return r.status_code == 200 and r.json()["retrievers"]["keyword"]["status"] == "ok"
-
-        wait_until(lambda: time.perf_counter() - killed_at > 0.5 and keyword_ok_again(), timeout_s=30)
-        recovered_s = time.perf_counter() - killed_at
-        for f in futures:
-            f.result()
+        killed.set()
+        try:
+            recovered_s = wait_until(lambda: down_then_back() is not None, timeout_s=60)
+        finally:
+            stop.set()
+            for f in futures:
+                f.result()
     print(
         f"\nkill test: {len(codes)} requests, {codes.count(200)} x 200, "
-        f"{sum(c >= 500 for c in codes)} x 5xx, keyword statuses {dict(Counter(keyword_statuses))}, "
-        f"keyword ok again after {recovered_s:.1f} s"
+        f"{sum(c >= 500 for c in codes)} x 5xx, keyword statuses {dict(Counter(s for _, s in keyword))}, "
+        f"keyword seen down, then ok again {recovered_s:.1f} s after the kill"
     )
     assert codes and all(c == 200 for c in codes), sorted(set(codes))
-    assert recovered_s < 30
+    down, back = down_then_back()
+    assert down < back  # keyword was seen down by an answer after the kill, then seen back
 
 
 def test_killing_the_encoder_degrades_the_dense_retrievers_while_keyword_and_graph_answer(base_url, http):

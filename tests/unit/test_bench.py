@@ -1,10 +1,12 @@
 """The benchmark's own logic, on retrievers that answer at once (no Ray, no timing asserts)."""
 
 import asyncio
+import types
 from dataclasses import asdict
 
 import pytest
 
+import benchmarks.bench as bench_module
 from actors.dense import DenseRetriever
 from actors.keyword import KeywordRetriever
 from actors.synthetic import SyntheticRetriever
@@ -77,16 +79,30 @@ def test_demo_queries_are_the_claims_of_the_bundled_question_set():
     assert queries[0] == "0-dimensional biomaterials show inductive properties."
 
 
-def test_closed_loop_keeps_every_client_busy():
-    calls = []
+def test_closed_loop_keeps_every_client_busy(monkeypatch):
+    """On a fake clock that only the calls move (10 ms each), the run's figures are exact."""
+    clock = types.SimpleNamespace(now=100.0)
+    monkeypatch.setattr(bench_module, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    calls, in_flight, most = [], 0, 0
 
     async def call(q):
+        nonlocal in_flight, most
         calls.append(q)
+        in_flight += 1
+        most = max(most, in_flight)
+        clock.now += 0.010
         await asyncio.sleep(0)
+        in_flight -= 1
 
     latencies, elapsed = asyncio.run(closed_loop(call, ["x", "y"], concurrency=4, duration_s=0.05))
-    assert len(latencies) == len(calls) > 4 and elapsed > 0
-    assert set(calls) == {"x", "y"}
+    assert most == 4  # four clients with a call out at once, never more: a closed loop
+    assert len(latencies) == len(calls) > 4 and set(calls) == {"x", "y"}
+    # No client starts a call after the duration, and the run lasts until the last call ends.
+    assert elapsed == pytest.approx(0.010 * len(calls)) and 0.05 <= elapsed < 0.05 + 4 * 0.010
+    # A latency (ms) spans the client's call and the three others' that ran meanwhile, and no client
+    # idles between calls: client i starts at i * 10 ms and is busy from then to the end.
+    assert max(latencies) == pytest.approx(40.0)
+    assert sum(latencies) == pytest.approx(sum(1000 * elapsed - 10 * i for i in range(4)))
 
 
 # -- who pays: roles, CPU by role, batch sizes -----------------------------------------------------

@@ -1,16 +1,18 @@
 import contextlib
 import time
+import types
 
 import numpy as np
 import pytest
 
+from actors import synthetic
 from actors.data import Triple
 from actors.dense import DenseRetriever, make_index
 from actors.errors import RetrieverFailed
 from actors.graph import GraphRetriever
 from actors.keyword import KeywordRetriever
 from actors.synthetic import SyntheticRetriever
-from actors.types import Query
+from actors.types import CancelToken, Query
 
 
 @pytest.mark.parametrize("index_type", ["flat", "hnsw"])
@@ -37,8 +39,9 @@ def test_dense_batches_queries_into_one_encode_call_and_filters_per_query(docs, 
     assert results[2] == []
 
 
-def test_dense_filter_finds_matches_beyond_the_unfiltered_top_k(docs, embedder):
-    r = DenseRetriever.from_documents(name="d", documents=docs, embedder=embedder)
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_dense_filter_finds_matches_beyond_the_unfiltered_top_k(docs, embedder, index_type):
+    r = DenseRetriever.from_documents(name="d", documents=docs, embedder=embedder, index_type=index_type)
     [hits] = r.search([Query("metformin glucose diabetes", top_k=1, filters={"domain": "oncology"})])
     assert len(hits) == 1 and hits[0].metadata["domain"] == "oncology"
 
@@ -121,13 +124,32 @@ def test_synthetic_ranks_by_overlap_and_can_fail(docs):
         bad.search([Query("x")])
 
 
-def test_synthetic_delay_is_the_whole_service_time_of_a_batch(docs):
-    slow = SyntheticRetriever(name="s", documents=docs, delay_ms=60)
-    for retriever in (slow, SyntheticRetriever(name="s", documents=docs, delay_ms=60, fail="always")):
-        started = time.perf_counter()
+class RecordedWaits(CancelToken):
+    """A cancel token that records the waits asked of it instead of sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+def test_synthetic_delay_is_the_whole_service_time_of_a_batch(docs, monkeypatch):
+    # A clock that stands still: the ranking takes no time, so the wait is the whole delay.
+    monkeypatch.setattr(synthetic, "time", types.SimpleNamespace(perf_counter=lambda: 7.0, monotonic=time.monotonic))
+    for fail in ("never", "always"):
+        retriever, token = SyntheticRetriever(name="s", documents=docs, delay_ms=60, fail=fail), RecordedWaits()
         with contextlib.suppress(RetrieverFailed):
-            retriever.search([Query("aspirin cancer")] * 8)  # a batch of 8 costs one delay, not 8
-        assert 0.06 <= time.perf_counter() - started < 0.3
+            retriever.search([Query("aspirin cancer")] * 8, cancel=token)  # a batch of 8 costs one delay, not 8
+        assert token.waits == [pytest.approx(0.06)]
+    # The ranking's own time counts towards the delay: 20 ms of ranking leaves 40 ms to wait.
+    ticks = iter([7.0, 7.02])
+    clock = types.SimpleNamespace(perf_counter=lambda: next(ticks), monotonic=time.monotonic)
+    monkeypatch.setattr(synthetic, "time", clock)
+    token = RecordedWaits()
+    SyntheticRetriever(name="s", documents=docs, delay_ms=60).search([Query("aspirin cancer")], cancel=token)
+    assert token.waits == [pytest.approx(0.04)]
 
 
 def test_query_top_k_must_be_positive():
