@@ -27,8 +27,9 @@ from ray import serve
 
 from actors.base import Retriever
 from actors.embedder import limit_threads
+from actors.errors import Cancelled
 from actors.factory import RetrieverSpec, open_retriever
-from actors.types import Cancelled, CancelToken, Hit, Query, Unavailable
+from actors.types import CancelToken, Hit, Query, Unavailable
 
 logger = logging.getLogger("ray.serve")
 

@@ -12,6 +12,9 @@
         ├── Overloaded                   the gateway is at its queue limit (Serve's backpressure)
         └── NoRetrieverAvailable         every selected retriever failed; `reasons` says why, per retriever
 
+    Cancelled                            not a RagError: a signal inside a replica that the caller of a
+                                         search gave up (like asyncio.CancelledError); no user sees it
+
 The number is the HTTP status the gateway answers with. One function writes every error body
 (`serve_app/http.py`), and the HTTP client maps each status back to the same class, so a caller
 catches the same exception whether it searched through a handle or over HTTP.
@@ -145,11 +148,20 @@ class NoRetrieverAvailable(ServiceUnavailable):
         return {"message": self.message, "retrievers": self.reasons}
 
 
+class Cancelled(Exception):
+    """A search stopped early because its caller stopped waiting for it.
+
+    Raised inside a replica's worker thread at a stage or batch boundary (`CancelToken.check` in
+    actors/types.py) and never seen by a user: the call it belongs to was already cancelled. A
+    signal rather than an error, like `asyncio.CancelledError`, so it does not derive from RagError.
+    """
+
+
 def _rebuild(cls: type[RagError], message: str, kwargs: dict[str, Any]) -> RagError:
     return cls(message, **kwargs)
 
 
 __all__ = sorted([
-    "ConfigError", "DataError", "InvalidRequest", "MalformedRequest", "NoRetrieverAvailable", "Overloaded",
+    "Cancelled", "ConfigError", "DataError", "InvalidRequest", "MalformedRequest", "NoRetrieverAvailable", "Overloaded",
     "PayloadTooLarge", "RagError", "RetrieverFailed", "ServiceUnavailable", "Unauthorized",
 ])

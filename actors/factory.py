@@ -144,6 +144,7 @@ def open_artifacts(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
     directory = spec.artifacts_dir
     if spec.shard is not None:
         directory = shard_dir(directory, *spec.shard)
+    directory = directory.resolve()  # one version throughout: a rebuild may swap the link while we read
     if not (directory / "manifest.json").is_file():
         raise DataError(
             f"{directory / 'manifest.json'}: not found; build the index with "

@@ -201,7 +201,7 @@ def ingest(
                 raise DataError(f"{source}: no documents to ingest")
         extra = {"source": str(source), **wanted}
         part = docs if shard is None else [d for d in docs if shard_of(d.doc_id, shard[1]) == shard[0]]
-        if not part:
+        if shard is not None and not part:
             raise DataError(f"{source}: shard {shard[0]} of {shard[1]} would hold no documents; use fewer shards")
         target.parent.mkdir(parents=True, exist_ok=True)
         swap_in(target, build=partial(_build, kind, part, extra, model=model, index_type=index_type, progress=progress))

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.errors import Cancelled
+
 FilterValue = str | int | float | bool
 Filters = Mapping[str, FilterValue]
 
@@ -79,15 +81,6 @@ class Unavailable:
     """What a retriever that failed to start answers instead of hits: the reason."""
 
     reason: str
-
-
-class Cancelled(Exception):
-    """A search stopped early because its caller stopped waiting for it.
-
-    Raised inside a replica's worker thread and never seen by a user: the call it belongs to was
-    already cancelled. Like `asyncio.CancelledError`, a signal rather than an error, so it stays
-    out of the error tree in actors/errors.py.
-    """
 
 
 class CancelToken:

@@ -11,7 +11,8 @@
     client = RagClient()
     r = await client.search_async("...")      # the same, from async code (`async with` closes it)
 
-Both ways answer with the same typed `SearchResponse` and raise the same errors (actors/errors.py):
+Both ways answer with the same typed `SearchResponse` and raise the same errors (defined in
+actors/errors.py, importable from this module):
 InvalidRequest (HTTP 422, before anything is sent when the client can tell), MalformedRequest (400),
 Unauthorized (401), PayloadTooLarge (413), NoRetrieverAvailable (503 with each retriever's reason)
 and Overloaded (Serve's own 503); both carry `retry_after_s`.
@@ -41,6 +42,7 @@ from actors.errors import (
     Overloaded,
     PayloadTooLarge,
     RagError,
+    ServiceUnavailable,
     Unauthorized,
 )
 from serve_app import __version__
@@ -314,4 +316,9 @@ def error_from_response(response: httpx.Response, url: str) -> RagError:
     return RagError(f"ragfan at {url} answered HTTP {status} {response.reason_phrase}: {excerpt}")
 
 
-__all__ = ["HTTPTransport", "HandleTransport", "RagClient", "Transport", "error_from_response"]
+# The errors a search raises are importable from here too, as httpx exports its own.
+__all__ = [
+    "HTTPTransport", "HandleTransport", "InvalidRequest", "MalformedRequest", "NoRetrieverAvailable", "Overloaded",
+    "PayloadTooLarge", "RagClient", "RagError", "ServiceUnavailable", "Transport", "Unauthorized",
+    "error_from_response",
+]

@@ -339,7 +339,9 @@ def _format(exc: ValidationError, source: str) -> str:
 def _resolved(r: RetrieverConfig, base_dir: Path) -> dict[str, Path]:
     """The retriever's paths, resolved against the config file's directory."""
     paths = {"data": r.data, "artifacts": r.artifacts, "aliases": r.aliases if isinstance(r, GraphOptions) else None}
-    return {key: (base_dir / path).resolve() for key, path in paths.items() if path is not None}
+    # abspath, not resolve: `ragfan ingest` output is a symlink swapped on each rebuild, and a
+    # replica that starts later must open the link's version then, not the one seen at load.
+    return {key: Path(os.path.abspath(base_dir / path)) for key, path in paths.items() if path is not None}
 
 
 def parse_config(raw: Any, *, base_dir: Path, source: str = "<config>") -> AppConfig:

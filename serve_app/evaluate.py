@@ -160,7 +160,7 @@ def evaluate(
         )
         serve.start(proxy_location="Disabled")
         handle = serve.run(app_from_config(config), name=APP, route_prefix=None)
-        options = FusionOptions(method=fusion) if fusion else None
+        options = FusionOptions.model_validate({"method": fusion}) if fusion else None
         systems = {"dense": ["dense"], "keyword": ["keyword"], "fused": ["dense", "keyword"]}
         runs, failed = asyncio.run(_run_queries(
             RagClient.from_handle(handle), queries, systems,

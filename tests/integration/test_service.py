@@ -12,8 +12,8 @@ import pytest
 import ray
 from ray import serve
 
+from actors.errors import InvalidRequest
 from serve_app.client import RagClient
-from serve_app.errors import InvalidRequest
 from serve_app.schemas import SearchResponse
 from tests.integration.conftest import wait_until
 

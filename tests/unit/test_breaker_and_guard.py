@@ -3,9 +3,9 @@ import json
 
 import pytest
 
+from actors.errors import ConfigError
 from serve_app import http as guard
 from serve_app.breaker import CircuitBreaker
-from serve_app.errors import ConfigError
 
 
 class Clock:

@@ -14,10 +14,11 @@ import pytest
 
 from actors.dense import DenseRetriever
 from actors.deployment import SearchRunner
+from actors.errors import Cancelled
 from actors.graph import GraphRetriever
 from actors.keyword import KeywordRetriever
 from actors.synthetic import SyntheticRetriever
-from actors.types import Cancelled, CancelToken, Query
+from actors.types import CancelToken, Query
 from tests.unit.test_retrievers import TRIPLES
 
 # Four groups for the dense index: one unfiltered, three filters, so four index calls in one batch.

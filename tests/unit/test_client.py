@@ -16,19 +16,19 @@ import pytest
 from ray.exceptions import ActorDiedError, RayTaskError
 
 import serve_app.client
-from actors.errors import RagError
-from actors.synthetic import SyntheticRetriever
-from serve_app.cli import main
-from serve_app.client import RagClient
-from serve_app.config import parse_config
-from serve_app.errors import (
+from actors.errors import (
     InvalidRequest,
     MalformedRequest,
     NoRetrieverAvailable,
     Overloaded,
     PayloadTooLarge,
+    RagError,
     Unauthorized,
 )
+from actors.synthetic import SyntheticRetriever
+from serve_app.cli import main
+from serve_app.client import RagClient
+from serve_app.config import parse_config
 from serve_app.gateway import Gateway
 from serve_app.http import build_api, digest
 from serve_app.schemas import SearchResponse

@@ -2,10 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from actors.errors import RetrieverFailed
+from actors.errors import ConfigError, RetrieverFailed
 from actors.spec import DenseOptions, GraphOptions, KeywordOptions, SyntheticOptions
 from serve_app.config import DEFAULT_CONFIG, load_config, parse_bytes, parse_config
-from serve_app.errors import ConfigError
 
 KINDS = "dense, keyword, graph, synthetic"
 

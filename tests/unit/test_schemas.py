@@ -1,8 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
+from actors.errors import InvalidRequest
 from serve_app.config import parse_config
-from serve_app.errors import InvalidRequest
 from serve_app.gateway import validate
 from serve_app.schemas import SearchRequest, SearchResponse
 

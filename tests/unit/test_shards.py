@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from actors.dense import DenseRetriever
+from actors.errors import ConfigError
 from actors.shards import merge, shard_dir, shard_of
 from actors.spec import DenseOptions, RetrieverSpec
 from actors.types import Document, Query
 from serve_app.config import parse_config
-from serve_app.errors import ConfigError
 from tests.unit.fakes import HashingEmbedder
 
 WORDS = ("vitamin insulin cancer tumour aspirin glucose exercise sclerosis statin malaria vaccine gut "
