@@ -28,7 +28,7 @@ from ray import serve
 from actors.base import Retriever
 from actors.embedder import limit_threads
 from actors.errors import Cancelled
-from actors.factory import RetrieverSpec, open_retriever
+from actors.factory import RetrieverSpec, fingerprint, open_retriever
 from actors.types import CancelToken, Hit, Query, Unavailable
 
 logger = logging.getLogger("ray.serve")
@@ -78,7 +78,11 @@ class RetrieverDeployment:
         self.threads = limit_threads(num_cpus, torch=spec.needs_model)
         self.retriever: Retriever | None = None
         self.start_error: str | None = None
+        self.fingerprint: str | None = None  # what the result cache keys this retriever's answers by
         try:
+            # Named before opening: if a rebuild swaps in between, answers of the newer index go under the
+            # older name, which readers of the newer one never ask for; never the other way round.
+            self.fingerprint = fingerprint(spec)
             self.retriever = open_retriever(spec)
             if spec.kind != "synthetic":  # synthetic retrievers only sleep: nothing lazy to warm up
                 # Pay torch's and FAISS's lazy first-call set-up here, not in the first user's deadline.
@@ -116,6 +120,7 @@ class RetrieverDeployment:
             "torch_loaded": "torch" in sys.modules,  # false where no model is needed: the point of `encoder: shared`
             "node_id": ray.get_runtime_context().get_node_id(),  # where the scheduler placed this replica
             "calls": dict(self.runner.counts) if self.runner else {},
+            "fingerprint": self.fingerprint,
             **({"shard": list(self.spec.shard)} if self.spec.shard else {}),
         }
         if self.retriever is None:

@@ -8,6 +8,7 @@ as a fallback, and cached on disk.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -136,6 +137,26 @@ def build_missing(spec: RetrieverSpec, encode: Encode) -> bool:
     else:
         return False
     return load_or_build(target, build=build, load=lambda d, m: None)[1]
+
+
+def fingerprint(spec: RetrieverSpec) -> str:
+    """A short name for exactly what this retriever answers from; the result cache keys its answers by it.
+
+    It covers the kind's options, the model, and the checksums of the data: the manifest of built
+    artifacts (which lists each file's checksum), or the source file, and a graph's aliases. A
+    re-ingest or another model gives another fingerprint, so cached answers of the old index are
+    never served for the new one.
+    """
+    digest = hashlib.sha256(spec.options.model_dump_json().encode())
+    digest.update(f"{spec.model_name}|{spec.shard}".encode())
+    if spec.artifacts is not None:
+        directory = spec.artifacts_dir if spec.shard is None else shard_dir(spec.artifacts_dir, *spec.shard)
+        digest.update((directory.resolve() / "manifest.json").read_bytes())
+    else:
+        digest.update(sha256_file(spec.data_file).encode())
+    if isinstance(spec.options, GraphOptions) and spec.options.aliases is not None:
+        digest.update(sha256_file(Path(spec.options.aliases)).encode())
+    return digest.hexdigest()[:16]
 
 
 # -- opening ----------------------------------------------------------------------------------

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from actors.errors import ConfigError
@@ -273,6 +282,35 @@ class EncoderConfig(ScalingConfig):
     batch: BatchConfig = BatchConfig(max_batch_size=256, batch_wait_timeout_s=0.0)
 
 
+class MemoryCacheConfig(_Strict):
+    """The result cache in each gateway replica: nothing to set up (serve_app/cache.py)."""
+
+    backend: Literal["memory"] = "memory"
+    max_entries: int = Field(10_000, ge=1, description="answers kept per gateway replica; the least recent go first")
+    ttl_s: float = Field(300, gt=0, description="seconds an answer is reused at most")
+
+
+class RedisCacheConfig(_Strict):
+    """The result cache in one Redis that every gateway replica and node shares; it fails open."""
+
+    backend: Literal["redis"]
+    url: str = Field(pattern=r"^(redis|rediss|unix)://", description="e.g. redis://redis:6379/0")
+    ttl_s: float = Field(300, gt=0, description="seconds an answer is reused at most")
+    timeout_ms: int = Field(50, ge=1, le=10_000, description="a slower Redis is bypassed: the search goes uncached")
+
+
+def _cache_backend(value: Any) -> Any:
+    return value.get("backend", "memory") if isinstance(value, dict) else getattr(value, "backend", None)
+
+
+# `backend` may be left out: `cache: {max_entries: 5000}` is the memory cache.
+CacheConfig = Annotated[
+    Annotated[MemoryCacheConfig, Tag("memory")] | Annotated[RedisCacheConfig, Tag("redis")],
+    Discriminator(_cache_backend),
+]
+CACHE_BACKENDS = ("memory", "redis")
+
+
 class AppConfig(_Strict):
     app_name: str = Field("ragfan", pattern=r"^[A-Za-z0-9_-]+$")
     enabled: bool = Field(True, description="false: answer every search at once, empty, loading nothing")
@@ -281,6 +319,9 @@ class AppConfig(_Strict):
     fusion: FusionConfig = FusionConfig()
     gateway: GatewayConfig = GatewayConfig()
     encoder: EncoderConfig = EncoderConfig()
+    cache: CacheConfig | None = Field(
+        MemoryCacheConfig(), description="each retriever's answers, reused: memory (default), redis, or null: off"
+    )
     retrievers: list[RetrieverConfig] = Field(min_length=1)
 
     @field_validator("retrievers")
@@ -319,12 +360,16 @@ def _error_line(err: ErrorDetails) -> str:
     """One error as `key.path: message`, with the retriever's kind tag taken out of the path."""
     loc: list[int | str] = list(err["loc"])
     msg, kind = err["msg"], None
+    # pydantic puts a union's tag in the path (retrievers.1.dense.timeout_ms, cache.redis.url): take it out
     if len(loc) >= 3 and loc[0] == "retrievers" and loc[2] in KINDS:
-        kind = loc.pop(2)  # pydantic puts the union's tag in the path: retrievers.1.dense.timeout_ms
+        kind = loc.pop(2)
+    if len(loc) >= 2 and loc[0] == "cache" and loc[1] in CACHE_BACKENDS:
+        loc.pop(1)
+    tag, valid = ("backend", CACHE_BACKENDS) if loc[:1] == ["cache"] else ("kind", KINDS)
     if err["type"] == "union_tag_invalid":
-        loc, msg = [*loc, "kind"], f"unknown kind {err.get('ctx', {}).get('tag')!r}; valid kinds: {', '.join(KINDS)}"
+        loc, msg = [*loc, tag], f"unknown {tag} {err.get('ctx', {}).get('tag')!r}; valid {tag}s: {', '.join(valid)}"
     elif err["type"] == "union_tag_not_found":
-        loc, msg = [*loc, "kind"], f"Field required; valid kinds: {', '.join(KINDS)}"
+        loc, msg = [*loc, tag], f"Field required; valid {tag}s: {', '.join(valid)}"
     elif err["type"] == "extra_forbidden" and kind is not None and len(loc) == 3:
         owners = kinds_with(str(loc[2]))  # empty for a key of no kind at all: pydantic's message stays
         if owners:
