@@ -12,6 +12,8 @@ downstream is busy wait together and go out as one call; a lone request goes at 
   waits up to `wait_s` for the batch to fill (never longer, and never when nothing is in flight).
 - A call carries at most `max_batch_size` items and runs until the latest deadline among them;
   `send(items, deadline)` gets that deadline (event-loop time) to pace calls of its own.
+- `submit_many(items, deadlines=...)` queues a group that goes out as one call, whole, even past
+  `max_batch_size` (a batch query asks each retriever once); smaller groups still share a call.
 - A request whose caller gives up (its own deadline, or cancellation) leaves the queue; when every
   request of a call in flight has given up, the call is cancelled, which cancels it downstream.
 - `sizes` counts the batch sizes sent, for `ragfan bench` and the stats endpoint.
@@ -62,7 +64,7 @@ class Batcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_concurrent = max_concurrent
         self.wait_s = wait_s
-        self._queue: deque[_Waiter[T]] = deque()
+        self._queue: deque[list[_Waiter[T]]] = deque()  # groups, each sent whole in one call
         self._running: dict[asyncio.Task, list[_Waiter[T]]] = {}  # each call in flight, and whom it answers
         self._timer: asyncio.TimerHandle | None = None
         self.sizes: Counter[int] = Counter()
@@ -73,9 +75,22 @@ class Batcher(Generic[T, R]):
 
     async def submit(self, item: T, *, timeout_s: float) -> R:
         """The answer for `item`; TimeoutError after `timeout_s`, or the call's own error."""
-        waiter = _Waiter(item, now() + timeout_s)
-        self._queue.append(waiter)
+        [waiter] = self._enqueue([item], [now() + timeout_s])
+        return await self._wait(waiter)
+
+    async def submit_many(self, items: Sequence[T], *, deadlines: Sequence[float]) -> list[R | BaseException]:
+        """Each item's answer, or its exception (TimeoutError past its deadline, on `now()`'s clock),
+        from one call that carries all of them, however many."""
+        waiters = self._enqueue(items, deadlines)
+        return await asyncio.gather(*(self._wait(w) for w in waiters), return_exceptions=True)
+
+    def _enqueue(self, items: Sequence[T], deadlines: Sequence[float]) -> list[_Waiter[T]]:
+        group = [_Waiter(item, deadline) for item, deadline in zip(items, deadlines, strict=True)]
+        self._queue.append(group)
         self._schedule()
+        return group
+
+    async def _wait(self, waiter: _Waiter[T]) -> R:
         try:
             async with asyncio.timeout_at(waiter.deadline):
                 return await asyncio.shield(waiter.future)
@@ -90,7 +105,7 @@ class Batcher(Generic[T, R]):
             self._drop_abandoned()
             if not self._queue:
                 return
-            full = len(self._queue) >= self.max_batch_size
+            full = sum(map(len, self._queue)) >= self.max_batch_size
             if self._running and not full and self.wait_s > 0:
                 # Another call is in flight, so this one may wait a little for company.
                 if self._timer is None:
@@ -108,7 +123,9 @@ class Batcher(Generic[T, R]):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+        batch = list(self._queue.popleft())  # a group larger than max_batch_size goes whole, alone
+        while self._queue and len(batch) + len(self._queue[0]) <= self.max_batch_size:
+            batch += self._queue.popleft()
         self.sizes[len(batch)] += 1
         self._running[asyncio.get_running_loop().create_task(self._run(batch))] = batch
 
@@ -140,7 +157,8 @@ class Batcher(Generic[T, R]):
 
     # -- callers who gave up ----------------------------------------------------------------------
     def _drop_abandoned(self) -> None:
-        self._queue = deque(w for w in self._queue if not w.future.done())
+        groups = ([w for w in group if not w.future.done()] for group in self._queue)
+        self._queue = deque(group for group in groups if group)
 
     def _abandoned(self) -> None:
         self._drop_abandoned()

@@ -8,6 +8,9 @@ only validates, asks every selected lane, fuses and answers.
 An `EncoderLane` batches query texts for one model's encoder deployment. Every lane of that model
 awaits the same encoding of a request, so a query is encoded once, however many retrievers use it.
 
+A batch query (`search_many`, `encode_many`) is one call downstream for all of its queries, with
+each query's own deadline: one slot of the in-flight bound, one breaker outcome.
+
 Handles are duck-typed (`handle.search.remote(queries)`, `handle.encode.remote(texts)`), so unit
 tests drive lanes with the fake handle in tests/unit/fakes.py and no Ray.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,12 +75,28 @@ class EncoderLane:
         return (await fan_out({self.model: Call(self.handle.describe.remote, DESCRIBE_TIMEOUT_S)}))[self.model]
 
     async def encode(self, text: str, *, timeout_s: float) -> np.ndarray:
-        try:
-            return await self.batcher.submit(text, timeout_s=timeout_s)
-        except (TimeoutError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            raise RetrieverFailed(f"encoder for {self.model}: {describe_error(exc)}") from None
+        return (await self.encode_many([text], timeout_s=timeout_s))[text]
+
+    async def encode_many(self, texts: Sequence[str], *, timeout_s: float) -> dict[str, np.ndarray]:
+        """Each text's vector, from one call for all of them; TimeoutError, or RetrieverFailed."""
+        deadline = now() + timeout_s
+        rows = await self.batcher.submit_many(texts, deadlines=[deadline] * len(texts))
+        problem = next((r for r in rows if isinstance(r, BaseException)), None)
+        if isinstance(problem, TimeoutError | asyncio.CancelledError):
+            raise problem
+        if problem is not None:
+            raise RetrieverFailed(f"encoder for {self.model}: {describe_error(problem)}") from None
+        return dict(zip(texts, rows, strict=True))  # type: ignore[arg-type]  # no exception is left
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """One search's question to one retriever: what the gateway hands a lane for each request."""
+
+    text: str
+    top_k: int
+    filters: Filters | None = None
+    timeout_ms: int | None = None  # the request's own deadline, when it lowers the lane's
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,70 +137,87 @@ class RetrieverLane:
         self.in_flight = 0
         self.last_problem: str | None = None
 
-    # -- one request ------------------------------------------------------------------------------
+    # -- requests ---------------------------------------------------------------------------------
     async def search(
         self, text: str, *, top_k: int, filters: Filters | None, timeout_ms: int | None,
         vector: Awaitable[np.ndarray] | None = None,
     ) -> Outcome:
-        """This retriever's answer to one request, as an Outcome; never raises but for cancellation.
+        """This retriever's answer to one request; see `search_many`."""
+        return (await self.search_many([Ask(text, top_k, filters, timeout_ms)], vector))[0]
 
-        `vector` is the request's shared encoding (a task every lane of the model awaits).
+    async def search_many(self, asks: Sequence[Ask], vectors: Awaitable[Any] | None = None) -> list[Outcome]:
+        """This retriever's answer to each of `asks`, as Outcomes, from one call that carries them all;
+        never raises but for cancellation.
+
+        The call takes one slot of the in-flight bound and records one breaker outcome. `vectors` is
+        the shared encoding, a task every lane of the model awaits: each text's vector by text
+        (`EncoderLane.encode_many`), or from `search`, the one query's vector.
         """
         if self.in_flight >= self.max_in_flight:
-            return Outcome(self.name, "skipped", error=f"{self.max_in_flight} calls already in flight")
+            return [Outcome(self.name, "skipped", error=f"{self.max_in_flight} calls already in flight")] * len(asks)
         if not self.breaker.allow():
-            return Outcome(self.name, "skipped", error=CIRCUIT_OPEN)
+            return [Outcome(self.name, "skipped", error=CIRCUIT_OPEN)] * len(asks)
         self.in_flight += 1
         try:
-            outcome = await self._call(text, top_k, filters, timeout_ms, vector)
+            outcomes = await self._call(asks, vectors)
         except asyncio.CancelledError:
             self.breaker.release()
             raise
         finally:
             self.in_flight -= 1
-        if outcome.status == "timeout" and timeout_ms is not None and timeout_ms < self.timeout_ms:
-            self.breaker.release()  # the caller's own shorter deadline says nothing about the retriever
-            return outcome
+        if all(o.status == "timeout" and self._own_deadline(a) for a, o in zip(asks, outcomes, strict=True)):
+            self.breaker.release()  # the callers' own shorter deadlines say nothing about the retriever
+            return outcomes
+        outcome = next((o for o in outcomes if o.status == "ok"), outcomes[0])  # the call answered, or why not
         was = self.breaker.state
         self.breaker.record(outcome.status == "ok")
         self._note(outcome, opened=was != "open" and self.breaker.state == "open")
-        return outcome
+        return outcomes
 
-    async def _call(self, text, top_k, filters, timeout_ms, vector) -> Outcome:
+    def _own_deadline(self, ask: Ask) -> bool:
+        return ask.timeout_ms is not None and ask.timeout_ms < self.timeout_ms
+
+    async def _call(self, asks: Sequence[Ask], vectors: Awaitable[Any] | None) -> list[Outcome]:
         started = now()
-        timeout_s = min(self.timeout_ms, timeout_ms or self.timeout_ms) / 1000
-        deadline = started + timeout_s
-        waiting_for = "the encoder"
-        note = None
+        limits = [min(self.timeout_ms, a.timeout_ms or self.timeout_ms) / 1000 for a in asks]
+        deadline = started + max(limits)
 
         def elapsed() -> float:
             return round((now() - started) * 1000, 2)
 
         try:
             async with asyncio.timeout_at(deadline):
-                encoded = None
-                if vector is not None and not self.vector_optional:
-                    encoded = await asyncio.shield(vector)  # shared with the other lanes of this model
-                elif vector is not None:
-                    # The graph can answer without a vector, so it waits for one only half its time.
-                    try:
-                        encoded = await asyncio.wait_for(asyncio.shield(vector), (deadline - now()) / 2)
-                    except TimeoutError:
-                        note = "linked entities by name only: the encoder did not answer in time"
-                    except RetrieverFailed as exc:
-                        note = f"linked entities by name only: {exc}"
-                waiting_for = self.name
-                query = Query(text=text, top_k=max(self.top_k, top_k), filters=self._own(filters), vector=encoded)
-                answer = await self.batcher.submit(query, timeout_s=deadline - now())
+                encoded, note = await self._encoded(vectors, deadline)
         except TimeoutError:
-            reason = "" if waiting_for == self.name else f" (waiting for {waiting_for})"
-            return Outcome(self.name, "timeout", elapsed(), error=f"no answer within {timeout_s * 1000:.0f} ms{reason}")
+            return [Outcome(self.name, "timeout", elapsed(),
+                            error=f"no answer within {s * 1000:.0f} ms (waiting for the encoder)") for s in limits]
         except Exception as exc:
-            return Outcome(self.name, "error", elapsed(), error=describe_error(exc))
-        if answer.status != "ok":
-            return Outcome(self.name, answer.status, elapsed(), error=answer.problems, coverage=0.0)
-        return Outcome(self.name, "ok", elapsed(), value=answer.hits, error=answer.problems or note,
-                       coverage=answer.coverage)
+            return [Outcome(self.name, "error", elapsed(), error=describe_error(exc))] * len(asks)
+        queries = [
+            Query(text=a.text, top_k=max(self.top_k, a.top_k), filters=self._own(a.filters),
+                  vector=encoded.get(a.text) if isinstance(encoded, Mapping) else encoded)
+            for a in asks
+        ]
+        # A result cache looks each query up here, and sends only its misses on.
+        answers = await self.batcher.submit_many(queries, deadlines=[started + s for s in limits])
+        for answer in answers:
+            if isinstance(answer, asyncio.CancelledError):
+                raise answer
+        return [_outcome(self.name, answer, s, elapsed(), note) for answer, s in zip(answers, limits, strict=True)]
+
+    async def _encoded(self, vectors: Awaitable[Any] | None, deadline: float) -> tuple[Any, str | None]:
+        """The shared encoding, and a note when the graph goes on without it."""
+        if vectors is None:
+            return None, None
+        if not self.vector_optional:
+            return await asyncio.shield(vectors), None  # shared with the other lanes of this model
+        # The graph can answer without a vector, so it waits for one only half its time.
+        try:
+            return await asyncio.wait_for(asyncio.shield(vectors), (deadline - now()) / 2), None
+        except TimeoutError:
+            return None, "linked entities by name only: the encoder did not answer in time"
+        except RetrieverFailed as exc:
+            return None, f"linked entities by name only: {exc}"
 
     def _own(self, filters: Filters | None) -> Filters | None:
         """The filters that reach this retriever: only the keys it filters on."""
@@ -252,3 +288,14 @@ class RetrieverLane:
         else:
             logger.warning("retriever %s degraded the answer: %s", self.name, problem)
         self.last_problem = problem
+
+
+def _outcome(name: str, answer: Any, timeout_s: float, latency_ms: float, note: str | None) -> Outcome:
+    """One query's Outcome from what the batcher gave it: its `_Answer`, or the exception."""
+    if isinstance(answer, TimeoutError):
+        return Outcome(name, "timeout", latency_ms, error=f"no answer within {timeout_s * 1000:.0f} ms")
+    if isinstance(answer, BaseException):
+        return Outcome(name, "error", latency_ms, error=describe_error(answer))
+    if answer.status != "ok":
+        return Outcome(name, answer.status, latency_ms, error=answer.problems, coverage=0.0)
+    return Outcome(name, "ok", latency_ms, value=answer.hits, error=answer.problems or note, coverage=answer.coverage)
