@@ -328,7 +328,7 @@ def format_response(r: SearchResponse, width: int | None = None) -> str:
     lines = [f"{'#':>2}  {'score':>7}  {'id':<22} {'found by (retriever#rank)':<34} text"]
     for i, res in enumerate(r.results, start=1):
         found = " ".join(f"{s.retriever}#{s.rank}" for s in res.sources)
-        text = " ".join(res.text.split())
+        text = " ".join((res.text or "").split())
         room = max(20, width - 70)
         lines.append(f"{i:>2}  {res.score:7.4f}  {res.id[:22]:<22} {found[:34]:<34} {text[:room]}")
     if not r.results:

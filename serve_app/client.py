@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import httpx
@@ -46,12 +46,16 @@ from actors.errors import (
     Unauthorized,
 )
 from serve_app import __version__
-from serve_app.schemas import FilterValue, FusionOptions, SearchRequest, SearchResponse
+from serve_app.schemas import FilterValue, FusionOptions, Include, SearchRequest, SearchResponse
 
 # What the proxy answers when the replica it sent a request to died, or cannot be reached.
 RETRY_STATUSES = frozenset({500, 502, 504})
 RETRY_NETWORK = (httpx.NetworkError, httpx.RemoteProtocolError)  # connect, read, write, a dropped connection
 SEARCH_PATH = "/v1/search"
+# What the HTTP transport asks the gateway to compress with, in its order of preference (the gateway
+# picks zstd, then br, then gzip). httpx decodes gzip itself, and zstd and br with `zstandard` and
+# `brotli`, which ragfan depends on.
+ACCEPT_ENCODING = "zstd, br, gzip"
 
 
 class Transport(Protocol):
@@ -108,8 +112,9 @@ class RagClient:
         filters: Mapping[str, FilterValue] | None = None,
         timeout_ms: int | None = None,
         fusion: FusionOptions | dict[str, Any] | None = None,
+        include: Sequence[Include] | None = None,
     ) -> SearchResponse:
-        request = _request(query, top_k, retrievers, filters, timeout_ms, fusion)
+        request = _request(query, top_k, retrievers, filters, timeout_ms, fusion, include)
         outcome = self._transport.send(request)
         if self._transport.retryable(outcome):  # lost on the way: once more (a search is read-only)
             outcome = self._transport.send(request)
@@ -124,8 +129,9 @@ class RagClient:
         filters: Mapping[str, FilterValue] | None = None,
         timeout_ms: int | None = None,
         fusion: FusionOptions | dict[str, Any] | None = None,
+        include: Sequence[Include] | None = None,
     ) -> SearchResponse:
-        request = _request(query, top_k, retrievers, filters, timeout_ms, fusion)
+        request = _request(query, top_k, retrievers, filters, timeout_ms, fusion, include)
         outcome = await self._transport.send_async(request)
         if self._transport.retryable(outcome):
             outcome = await self._transport.send_async(request)
@@ -152,7 +158,7 @@ class RagClient:
         await self.aclose()
 
 
-def _request(query, top_k, retrievers, filters, timeout_ms, fusion) -> SearchRequest:
+def _request(query, top_k, retrievers, filters, timeout_ms, fusion, include) -> SearchRequest:
     """The request, validated (and its query cleaned) as the gateway does: a bad one is never sent."""
     try:
         return SearchRequest(
@@ -162,6 +168,7 @@ def _request(query, top_k, retrievers, filters, timeout_ms, fusion) -> SearchReq
             filters=dict(filters) if filters is not None else None,
             timeout_ms=timeout_ms,
             fusion=fusion,
+            include=list(include) if include is not None else None,
         )
     except ValidationError as exc:
         raise InvalidRequest.from_validation(list(exc.errors())) from None
@@ -212,7 +219,8 @@ class HTTPTransport:
 
     def __init__(self, url: str, *, api_key: str | None, timeout_s: float, transport: Any = None) -> None:
         self.url = url.rstrip("/")
-        headers = {"user-agent": f"ragfan-client/{__version__}", "content-type": "application/json"}
+        headers = {"user-agent": f"ragfan-client/{__version__}", "content-type": "application/json",
+                   "accept-encoding": ACCEPT_ENCODING}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._options: dict[str, Any] = {"base_url": self.url, "headers": headers, "timeout": timeout_s}

@@ -262,12 +262,16 @@ class GatewayConfig(ScalingConfig):
     retry_after_s: int = Field(1, ge=0, description="the Retry-After of a 503 for overload")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get a 413 (bytes or '64KiB')")
     api_keys_file: Path | None = Field(None, description="one API key per line; adds to RAGFAN_API_KEYS")
+    compress_min_bytes: int | None = Field(
+        1024, ge=0, description="answers this large or larger are compressed as Accept-Encoding asks (zstd, br, "
+        "gzip); null: never (bytes or '1KiB')"
+    )
     ray_actor_options: ActorOptions = ActorOptions(num_cpus=0.25)
 
-    @field_validator("max_body_bytes", mode="before")
+    @field_validator("max_body_bytes", "compress_min_bytes", mode="before")
     @classmethod
     def _body_bytes(cls, v: Any) -> Any:
-        return parse_bytes(v)
+        return v if v is None else parse_bytes(v)
 
     def serve_options(self) -> dict[str, Any]:
         backpressure = {"status_code": 503, "retry_after_s": self.retry_after_s}

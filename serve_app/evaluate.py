@@ -57,7 +57,7 @@ def to_run(response: SearchResponse, qid: str, ignore_identical_ids: bool) -> di
     """One ranking by document: chunk hits grouped to their parent, best rank first, as descending scores."""
     ranking: dict[str, float] = {}
     for result in response.results:
-        doc_id = result.metadata.get(PARENT, result.id)
+        doc_id = (result.metadata or {}).get(PARENT, result.id)
         if doc_id in ranking or (ignore_identical_ids and doc_id == qid):
             continue
         ranking[doc_id] = float(DEPTH - len(ranking))  # ranks as scores: ir-measures sorts by score

@@ -201,6 +201,9 @@ class Gateway:
             f"{n}={s.status}/{s.latency_ms:.0f}ms" for n, s in statuses.items() if s.status != "skipped"
         ))
         answered = sum(o.status == "ok" for o in outcomes.values())
+        left_out = {"text", "metadata"} - set(request.include) if request.include is not None else set()
+        if left_out:  # ids, scores and sources only: None is left out of the JSON (schemas.Result)
+            results = [r.model_copy(update=dict.fromkeys(left_out)) for r in results]
         return SearchResponse(
             query=request.query,
             results=results,

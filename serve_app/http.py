@@ -18,6 +18,10 @@ In the order a request meets them:
 3. Every ragfan error becomes its status and JSON body in one function, `error_response`: the
    exception handlers and the guard both use it. Serve's own backpressure (503 with Retry-After)
    happens before the request reaches this app.
+
+On the way out, an answer of `gateway.compress_min_bytes` or more is compressed as the request's
+Accept-Encoding asks: zstd, then br, then gzip, whichever it accepts first in that order
+(starlette-compress's `CompressMiddleware`, inside the Guard, so the Guard's refusals stay plain).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette_compress import CompressMiddleware
 
 from actors.errors import ConfigError, InvalidRequest, MalformedRequest, PayloadTooLarge, RagError, Unauthorized
 from serve_app import __version__
@@ -248,6 +253,9 @@ def build_api(gateway: Gateway, *, max_body_bytes: int | None = None, key_digest
     api.router.route_class = StrictJSONRoute
     api.add_exception_handler(RagError, _on_rag_error)
     api.add_exception_handler(RequestValidationError, _on_validation_error)
+    if config.gateway.compress_min_bytes is not None:
+        # Inside the Guard (added first, so it runs second): a refused request costs no compression.
+        api.add_middleware(CompressMiddleware, minimum_size=config.gateway.compress_min_bytes)
     api.add_middleware(Guard, max_body_bytes=max_body_bytes or config.gateway.max_body_bytes, key_digests=digests)
 
     @api.post("/v1/search", response_model=SearchResponse, summary="Search all or some retrievers",

@@ -6,9 +6,11 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 FilterValue = str | int | float | bool
 Status = Literal["ok", "timeout", "error", "skipped"]
+Include = Literal["text", "metadata"]
 
 # C0 and C1 control characters and DEL, less tab and newlines. Real text carries them: a page
 # mis-decoded from cp1252 has U+0097 where an em dash was. They mean nothing to a retriever, so a
@@ -64,6 +66,10 @@ class SearchRequest(BaseModel):
     filters: dict[str, FilterValue] | None = Field(None, description="exact-match metadata filters")
     timeout_ms: TimeoutMs | None = Field(None, description="lowers every retriever's deadline")
     fusion: FusionOptions | None = Field(None, description="fusion method, k and weights for this request")
+    include: list[Include] | None = Field(
+        None, description="what each result carries besides id, score and sources; null: text and metadata, "
+        "[]: neither"
+    )
 
     @field_validator("query")
     @classmethod
@@ -79,12 +85,20 @@ class Source(BaseModel):
     score: float = Field(description="that retriever's own score")
 
 
+def _absent(value: Any) -> bool:
+    return value is None
+
+
 class Result(BaseModel):
+    # `text` and `metadata` are left out of the JSON when the request's `include` leaves them out,
+    # never sent as null: the schema says string and object, not required.
     id: str
-    text: str
+    text: str | SkipJsonSchema[None] = Field(None, exclude_if=_absent, description="when `include` asks for it")
     score: float = Field(description="fused score")
     sources: list[Source]
-    metadata: dict[str, str]
+    metadata: dict[str, str] | SkipJsonSchema[None] = Field(
+        None, exclude_if=_absent, description="when `include` asks for it"
+    )
 
 
 class RetrieverStatus(BaseModel):
