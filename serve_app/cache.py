@@ -28,7 +28,7 @@ import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from actors.types import Filters, Hit
 from serve_app.breaker import CircuitBreaker
@@ -36,7 +36,6 @@ from serve_app.config import MemoryCacheConfig, RedisCacheConfig
 
 logger = logging.getLogger("ray.serve")
 KEY_PREFIX = "ragfan:v1"
-CacheState = Literal["hit", "miss", "bypass", "off"]
 
 
 def normalise(text: str) -> str:
@@ -56,7 +55,7 @@ def encode_hits(hits: Sequence[Hit]) -> bytes:
     return json.dumps([[h.doc_id, h.score, h.text, dict(h.metadata)] for h in hits], ensure_ascii=False).encode()
 
 
-def decode_hits(raw: bytes) -> list[Hit]:
+def decode_hits(raw: bytes | str) -> list[Hit]:
     return [Hit(doc_id, score, text, metadata) for doc_id, score, text, metadata in json.loads(raw)]
 
 

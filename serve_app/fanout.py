@@ -25,6 +25,7 @@ class Outcome:
     value: Any = None  # what the call returned: a hit list for a search
     error: str | None = None
     coverage: float | None = None  # a sharded retriever: the fraction of its shards that answered
+    cache: str | None = None  # the result cache: hit, miss, bypass or off (serve_app/cache.py); None: not asked
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,12 @@ tests drive lanes with the fake handle in tests/unit/fakes.py and no Ray.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections.abc import Awaitable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -30,10 +32,15 @@ from actors.shards import merge as merge_shards
 from actors.types import Filters, Hit, Query, Unavailable
 from serve_app.batcher import Batcher, now
 from serve_app.breaker import CircuitBreaker
+from serve_app.cache import Cache, cache_key
 from serve_app.fanout import MAX_ERROR_CHARS, Call, Outcome, Status, describe_error, fan_out
+from serve_app.schemas import CacheState
 
 logger = logging.getLogger("ray.serve")
 CIRCUIT_OPEN = "circuit open"
+# How long a lane trusts the index fingerprint its replicas reported before asking again. A
+# redeployed retriever's new index is cached under its own fingerprint within this time.
+FINGERPRINT_TTL_S = 10.0
 DESCRIBE_TIMEOUT_S = 5.0  # how long a health check waits for a replica's description
 # A sharded call stops waiting for slow shards this long before its requests' deadline, so the
 # shards that did answer are merged and reach the requests in time.
@@ -97,6 +104,15 @@ class Ask:
     top_k: int
     filters: Filters | None = None
     timeout_ms: int | None = None  # the request's own deadline, when it lowers the lane's
+    cache: bool = True  # false: the request neither reads nor fills the result cache
+
+
+class Lookup(NamedTuple):
+    """What the result cache held for a group of asks: each one's state, key, and hits (None: not there)."""
+
+    states: list[CacheState]
+    keys: list[str | None]
+    found: list[list[Hit] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +139,7 @@ class RetrieverLane:
         batcher_options: dict[str, Any] | None = None,
         encoder: EncoderLane | None = None,
         vector_optional: bool = False,
+        cache: Cache | None = None,
     ) -> None:
         self.name = name
         self.handles = list(handles)  # one, or one per shard
@@ -136,6 +153,12 @@ class RetrieverLane:
         self.batcher: Batcher[Query, _Answer] = Batcher(self._send, **(batcher_options or {}))
         self.in_flight = 0
         self.last_problem: str | None = None
+        self.cache = cache
+        # What the cache keys answers by: the index the replicas report (`describe`), refreshed
+        # every FINGERPRINT_TTL_S; None until known, and then nothing is cached.
+        self.fingerprint: str | None = None
+        self._fingerprint_at = -math.inf
+        self._filling: dict[str, asyncio.Future] = {}  # keys being fetched: identical misses share one
 
     # -- requests ---------------------------------------------------------------------------------
     async def search(
@@ -145,7 +168,8 @@ class RetrieverLane:
         """This retriever's answer to one request; see `search_many`."""
         return (await self.search_many([Ask(text, top_k, filters, timeout_ms)], vector))[0]
 
-    async def search_many(self, asks: Sequence[Ask], vectors: Awaitable[Any] | None = None) -> list[Outcome]:
+    async def search_many(self, asks: Sequence[Ask], vectors: Awaitable[Any] | None = None,
+                          looked_up: Lookup | None = None) -> list[Outcome]:
         """This retriever's answer to each of `asks`, as Outcomes, from one call that carries them all;
         never raises but for cancellation.
 
@@ -159,7 +183,7 @@ class RetrieverLane:
             return [Outcome(self.name, "skipped", error=CIRCUIT_OPEN)] * len(asks)
         self.in_flight += 1
         try:
-            outcomes = await self._call(asks, vectors)
+            outcomes = await self._call(asks, vectors, looked_up)
         except asyncio.CancelledError:
             self.breaker.release()
             raise
@@ -167,6 +191,9 @@ class RetrieverLane:
             self.in_flight -= 1
         if all(o.status == "timeout" and self._own_deadline(a) for a, o in zip(asks, outcomes, strict=True)):
             self.breaker.release()  # the callers' own shorter deadlines say nothing about the retriever
+            return outcomes
+        if all(o.cache == "hit" for o in outcomes):
+            self.breaker.release()  # the cache answered: the retriever was not asked
             return outcomes
         outcome = next((o for o in outcomes if o.status == "ok"), outcomes[0])  # the call answered, or why not
         was = self.breaker.state
@@ -177,33 +204,120 @@ class RetrieverLane:
     def _own_deadline(self, ask: Ask) -> bool:
         return ask.timeout_ms is not None and ask.timeout_ms < self.timeout_ms
 
-    async def _call(self, asks: Sequence[Ask], vectors: Awaitable[Any] | None) -> list[Outcome]:
+    async def _call(self, asks: Sequence[Ask], vectors: Awaitable[Any] | None, looked_up: Lookup | None
+                    ) -> list[Outcome]:
         started = now()
         limits = [min(self.timeout_ms, a.timeout_ms or self.timeout_ms) / 1000 for a in asks]
+
+        def elapsed() -> float:
+            return round((now() - started) * 1000, 2)
+
+        # The cache first, before the encoder: the gateway looks up every lane before it encodes
+        # (`looked_up`), so a query that every lane of a model finds there is never encoded.
+        states, keys, found = looked_up or await self.lookup(asks)
+        outcomes: list[Outcome | None] = [
+            Outcome(self.name, "ok", elapsed(), value=hits, cache="hit") if hits is not None else None for hits in found
+        ]
+        todo = [i for i, o in enumerate(outcomes) if o is None]
+        # an identical query already on its way to the retriever: wait for its answer instead
+        waiting = {i: self._filling[k] for i in todo if (k := keys[i]) is not None and k in self._filling}
+        send = [i for i in todo if i not in waiting]
+        if send:
+            for i, outcome in zip(send, await self._fetch([asks[i] for i in send], vectors, started, limits, send),
+                                  strict=True):
+                outcomes[i] = outcome
+        for i, future in waiting.items():
+            outcomes[i] = await self._shared(future, started + limits[i], limits[i], elapsed)
+        again = [i for i in waiting if outcomes[i] is None]  # the identical query in flight did not complete
+        if again:
+            for i, outcome in zip(again, await self._fetch([asks[i] for i in again], vectors, started, limits, again),
+                                  strict=True):
+                outcomes[i] = outcome
+        answered = [o for o in outcomes if o is not None]
+        assert len(answered) == len(asks)  # every ask has its outcome now
+        return [replace(o, cache=states[i]) if i in todo else o for i, o in enumerate(answered)]
+
+    async def _fetch(self, asks: Sequence[Ask], vectors: Awaitable[Any] | None, started: float,
+                     limits: Sequence[float], indexes: Sequence[int]) -> list[Outcome]:
+        """Ask the retriever for `asks` in one call; complete answers go into the cache."""
+        limits = [limits[i] for i in indexes]
         deadline = started + max(limits)
 
         def elapsed() -> float:
             return round((now() - started) * 1000, 2)
 
+        keys = [self._key(a) for a in asks]
+        filling = {key: asyncio.get_running_loop().create_future() for key in keys if key and key not in self._filling}
+        self._filling.update(filling)
+        try:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    encoded, note = await self._encoded(vectors, deadline)
+            except TimeoutError:
+                return [Outcome(self.name, "timeout", elapsed(),
+                                error=f"no answer within {s * 1000:.0f} ms (waiting for the encoder)") for s in limits]
+            except Exception as exc:
+                return [Outcome(self.name, "error", elapsed(), error=describe_error(exc))] * len(asks)
+            queries = [
+                Query(text=a.text, top_k=max(self.top_k, a.top_k), filters=self._own(a.filters),
+                      vector=encoded.get(a.text) if isinstance(encoded, Mapping) else encoded)
+                for a in asks
+            ]
+            answers = await self.batcher.submit_many(queries, deadlines=[started + s for s in limits])
+            for answer in answers:
+                if isinstance(answer, asyncio.CancelledError):
+                    raise answer
+            outcomes = [_outcome(self.name, a, s, elapsed(), note) for a, s in zip(answers, limits, strict=True)]
+        finally:
+            for key in filling:
+                del self._filling[key]
+        # Only complete answers are kept: never a timeout, an error, or a partial shard answer.
+        complete = {key: o.value for key, o in zip(keys, outcomes, strict=True)
+                    if key and o.status == "ok" and (o.coverage or 1) >= 1 and note is None}
+        for key, future in filling.items():
+            future.set_result(complete.get(key))
+        if complete and self.cache is not None:
+            await self.cache.set_many(complete)
+        return outcomes
+
+    async def _shared(self, future: asyncio.Future, deadline: float, limit_s: float, elapsed: Callable[[], float]
+                      ) -> Outcome | None:
+        """An identical query's answer, fetched by another request; None when that did not complete."""
         try:
             async with asyncio.timeout_at(deadline):
-                encoded, note = await self._encoded(vectors, deadline)
+                hits = await asyncio.shield(future)
         except TimeoutError:
-            return [Outcome(self.name, "timeout", elapsed(),
-                            error=f"no answer within {s * 1000:.0f} ms (waiting for the encoder)") for s in limits]
-        except Exception as exc:
-            return [Outcome(self.name, "error", elapsed(), error=describe_error(exc))] * len(asks)
-        queries = [
-            Query(text=a.text, top_k=max(self.top_k, a.top_k), filters=self._own(a.filters),
-                  vector=encoded.get(a.text) if isinstance(encoded, Mapping) else encoded)
-            for a in asks
+            return Outcome(self.name, "timeout", elapsed(), error=f"no answer within {limit_s * 1000:.0f} ms")
+        return None if hits is None else Outcome(self.name, "ok", elapsed(), value=hits)
+
+    # -- the result cache ---------------------------------------------------------------------------
+    def _key(self, ask: Ask) -> str | None:
+        if self.cache is None or not ask.cache or self.fingerprint is None:
+            return None
+        return cache_key(self.name, self.fingerprint, ask.text, max(self.top_k, ask.top_k), self._own(ask.filters))
+
+    async def lookup(self, asks: Sequence[Ask]) -> Lookup:
+        """What the result cache holds for `asks`: each one's state, key and hits."""
+        if self.cache is None:
+            return Lookup(["off"] * len(asks), [None] * len(asks), [None] * len(asks))
+        await self._refresh_fingerprint()
+        keys = [self._key(a) for a in asks]
+        asked = [k for k in keys if k is not None]
+        found = await self.cache.get_many(asked) if asked else []
+        by_key = dict(zip(asked, found, strict=True)) if found is not None else {}
+        states: list[CacheState] = [
+            "off" if k is None else "bypass" if found is None else "hit" if by_key.get(k) is not None else "miss"
+            for k in keys
         ]
-        # A result cache looks each query up here, and sends only its misses on.
-        answers = await self.batcher.submit_many(queries, deadlines=[started + s for s in limits])
-        for answer in answers:
-            if isinstance(answer, asyncio.CancelledError):
-                raise answer
-        return [_outcome(self.name, answer, s, elapsed(), note) for answer, s in zip(answers, limits, strict=True)]
+        return Lookup(states, keys, [by_key.get(k) if k else None for k in keys])
+
+    async def _refresh_fingerprint(self) -> None:
+        if now() - self._fingerprint_at < FINGERPRINT_TTL_S:
+            return
+        self._fingerprint_at = now()
+        described = await self.describe()
+        self.fingerprint = fingerprint_of(described.value) if described.status == "ok" else None
+
 
     async def _encoded(self, vectors: Awaitable[Any] | None, deadline: float) -> tuple[Any, str | None]:
         """The shared encoding, and a note when the graph goes on without it."""
@@ -299,3 +413,11 @@ def _outcome(name: str, answer: Any, timeout_s: float, latency_ms: float, note: 
     if answer.status != "ok":
         return Outcome(name, answer.status, latency_ms, error=answer.problems, coverage=0.0)
     return Outcome(name, "ok", latency_ms, value=answer.hits, error=answer.problems or note, coverage=answer.coverage)
+
+
+def fingerprint_of(detail: Mapping[str, Any]) -> str | None:
+    """The index fingerprint from what the replica, or each shard's, reports; None when one is unknown."""
+    parts = [d.get("fingerprint") for d in detail.get("shards", [detail])]
+    if not parts or any(not isinstance(p, str) for p in parts):
+        return None
+    return parts[0] if len(parts) == 1 else hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

@@ -11,6 +11,7 @@ from pydantic.json_schema import SkipJsonSchema
 FilterValue = str | int | float | bool
 Status = Literal["ok", "timeout", "error", "skipped"]
 Include = Literal["text", "metadata"]
+CacheState = Literal["hit", "miss", "bypass", "off"]
 
 # C0 and C1 control characters and DEL, less tab and newlines. Real text carries them: a page
 # mis-decoded from cp1252 has U+0097 where an em dash was. They mean nothing to a retriever, so a
@@ -66,6 +67,7 @@ class SearchRequest(BaseModel):
     filters: dict[str, FilterValue] | None = Field(None, description="exact-match metadata filters")
     timeout_ms: TimeoutMs | None = Field(None, description="lowers every retriever's deadline")
     fusion: FusionOptions | None = Field(None, description="fusion method, k and weights for this request")
+    cache: bool = Field(True, description="false: neither read nor fill the result cache for this request")
     include: list[Include] | None = Field(
         None, description="what each result carries besides id, score and sources; null: text and metadata, "
         "[]: neither"
@@ -108,6 +110,11 @@ class RetrieverStatus(BaseModel):
     error: str | None = None
     coverage: float | None = Field(
         None, description="a sharded retriever: the fraction of its shards that answered (below 1: degraded)"
+    )
+    cached: bool = Field(False, description="the hits came from the result cache")
+    cache: CacheState | None = Field(
+        None, description="the result cache for this retriever: hit, miss, bypass (the cache could not answer: "
+        "searched uncached), off (no cache, or the request said cache: false); null: not asked"
     )
 
 
