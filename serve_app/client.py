@@ -11,6 +11,14 @@
     client = RagClient()
     r = await client.search_async("...")      # the same, from async code (`async with` closes it)
 
+Several searches go in one request with `search_batch` (or `search_batch_async`): one call to
+each retriever for all of them. It answers a list in the same order, each item the
+`SearchResponse`, or the error that `search` would have raised for that search alone
+(InvalidRequest, NoRetrieverAvailable), so one bad search fails no other:
+
+    for r in client.search_batch(["vitamin d", "aspirin", {"query": "p53", "top_k": 3}], top_k=5):
+        print(r.results[0].id if isinstance(r, SearchResponse) else f"failed: {r}")
+
 Both ways answer with the same typed `SearchResponse` and raise the same errors (defined in
 actors/errors.py, importable from this module):
 InvalidRequest (HTTP 422, before anything is sent when the client can tell), MalformedRequest (400),
@@ -30,10 +38,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from actors.errors import (
     InvalidRequest,
@@ -46,12 +54,23 @@ from actors.errors import (
     Unauthorized,
 )
 from serve_app import __version__
-from serve_app.schemas import FilterValue, FusionOptions, Include, SearchRequest, SearchResponse
+from serve_app.schemas import (
+    BatchSearchError,
+    BatchSearchRequest,
+    BatchSearchResponse,
+    FilterValue,
+    FusionOptions,
+    Include,
+    SearchRequest,
+    SearchResponse,
+)
 
 # What the proxy answers when the replica it sent a request to died, or cannot be reached.
 RETRY_STATUSES = frozenset({500, 502, 504})
 RETRY_NETWORK = (httpx.NetworkError, httpx.RemoteProtocolError)  # connect, read, write, a dropped connection
 SEARCH_PATH = "/v1/search"
+PATHS = {"search": SEARCH_PATH, "search_batch": "/v1/search/batch"}  # each gateway method's HTTP route
+M = TypeVar("M", bound=BaseModel)
 # What the HTTP transport asks the gateway to compress with, in its order of preference (the gateway
 # picks zstd, then br, then gzip). httpx decodes gzip itself, and zstd and br with `zstandard` and
 # `brotli`, which ragfan depends on.
@@ -59,13 +78,14 @@ ACCEPT_ENCODING = "zstd, br, gzip"
 
 
 class Transport(Protocol):
-    """One way to reach the app. `send` returns the answer or the exception, so that the client
-    decides in one place whether to send again; `answer` turns it into a response or raises."""
+    """One way to reach the app. `send` calls one gateway method (`search`, `search_batch`) and
+    returns the answer or the exception, so that the client decides in one place whether to send
+    again; `answer` turns it into the method's response model or raises."""
 
-    def send(self, request: SearchRequest) -> Any: ...
-    async def send_async(self, request: SearchRequest) -> Any: ...
+    def send(self, method: str, body: BaseModel) -> Any: ...
+    async def send_async(self, method: str, body: BaseModel) -> Any: ...
     def retryable(self, outcome: Any) -> bool: ...
-    def answer(self, outcome: Any) -> SearchResponse: ...
+    def answer(self, outcome: Any, model: type[M]) -> M: ...
     def close(self) -> None: ...
     async def aclose(self) -> None: ...
 
@@ -114,11 +134,8 @@ class RagClient:
         fusion: FusionOptions | dict[str, Any] | None = None,
         include: Sequence[Include] | None = None,
     ) -> SearchResponse:
-        request = _request(query, top_k, retrievers, filters, timeout_ms, fusion, include)
-        outcome = self._transport.send(request)
-        if self._transport.retryable(outcome):  # lost on the way: once more (a search is read-only)
-            outcome = self._transport.send(request)
-        return self._transport.answer(outcome)
+        return self._call("search", _request(query, top_k, retrievers, filters, timeout_ms, fusion, include),
+                          SearchResponse)
 
     async def search_async(
         self,
@@ -131,11 +148,61 @@ class RagClient:
         fusion: FusionOptions | dict[str, Any] | None = None,
         include: Sequence[Include] | None = None,
     ) -> SearchResponse:
-        request = _request(query, top_k, retrievers, filters, timeout_ms, fusion, include)
-        outcome = await self._transport.send_async(request)
+        return await self._call_async(
+            "search", _request(query, top_k, retrievers, filters, timeout_ms, fusion, include), SearchResponse
+        )
+
+    def search_batch(
+        self,
+        searches: Sequence[str | SearchRequest | Mapping[str, Any]],
+        *,
+        top_k: int = 10,
+        retrievers: list[str] | None = None,
+        filters: Mapping[str, FilterValue] | None = None,
+        timeout_ms: int | None = None,
+        fusion: FusionOptions | dict[str, Any] | None = None,
+    ) -> list[SearchResponse | RagError]:
+        """Each search's response, or the error `search` would raise for it alone, in order.
+
+        A string is a query searched with the keyword arguments; a SearchRequest, or a mapping of
+        its fields, says everything itself. At most `gateway.max_batch_searches` (64 by default)
+        in one call: more raise PayloadTooLarge. Raises as `search` does for what fails them all.
+        """
+        requests = _requests(searches, top_k, retrievers, filters, timeout_ms, fusion)
+        sent = [r for r in requests if isinstance(r, SearchRequest)]
+        if not sent:
+            return [r for r in requests if isinstance(r, RagError)]  # every one is invalid: nothing to send
+        return _results(requests, self._call("search_batch", BatchSearchRequest(searches=sent), BatchSearchResponse))
+
+    async def search_batch_async(
+        self,
+        searches: Sequence[str | SearchRequest | Mapping[str, Any]],
+        *,
+        top_k: int = 10,
+        retrievers: list[str] | None = None,
+        filters: Mapping[str, FilterValue] | None = None,
+        timeout_ms: int | None = None,
+        fusion: FusionOptions | dict[str, Any] | None = None,
+    ) -> list[SearchResponse | RagError]:
+        """`search_batch`, from async code."""
+        requests = _requests(searches, top_k, retrievers, filters, timeout_ms, fusion)
+        sent = [r for r in requests if isinstance(r, SearchRequest)]
+        if not sent:
+            return [r for r in requests if isinstance(r, RagError)]  # every one is invalid: nothing to send
+        batch = BatchSearchRequest(searches=sent)
+        return _results(requests, await self._call_async("search_batch", batch, BatchSearchResponse))
+
+    def _call(self, method: str, body: BaseModel, model: type[M]) -> M:
+        outcome = self._transport.send(method, body)
+        if self._transport.retryable(outcome):  # lost on the way: once more (a search is read-only)
+            outcome = self._transport.send(method, body)
+        return self._transport.answer(outcome, model)
+
+    async def _call_async(self, method: str, body: BaseModel, model: type[M]) -> M:
+        outcome = await self._transport.send_async(method, body)
         if self._transport.retryable(outcome):
-            outcome = await self._transport.send_async(request)
-        return self._transport.answer(outcome)
+            outcome = await self._transport.send_async(method, body)
+        return self._transport.answer(outcome, model)
 
     def close(self) -> None:
         """Close the HTTP connection pool (a handle client holds none)."""
@@ -174,6 +241,45 @@ def _request(query, top_k, retrievers, filters, timeout_ms, fusion, include) -> 
         raise InvalidRequest.from_validation(list(exc.errors())) from None
 
 
+def _requests(searches, top_k, retrievers, filters, timeout_ms, fusion) -> list[SearchRequest | RagError]:
+    """Each search of a batch validated as `search` validates it, or its InvalidRequest."""
+    checked: list[SearchRequest | RagError] = []
+    for search in searches:
+        try:
+            if isinstance(search, str):
+                checked.append(_request(search, top_k, retrievers, filters, timeout_ms, fusion, None))
+            elif isinstance(search, SearchRequest):
+                checked.append(search)
+            else:
+                checked.append(_validated(dict(search)))
+        except InvalidRequest as exc:
+            checked.append(exc)
+    return checked
+
+
+def _validated(fields: dict[str, Any]) -> SearchRequest:
+    try:
+        return SearchRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise InvalidRequest.from_validation(list(exc.errors())) from None
+
+
+def _results(requests: list[SearchRequest | RagError], batch: BatchSearchResponse) -> list[SearchResponse | RagError]:
+    """The client's own InvalidRequests in their places, and the gateway's answers to the rest, typed."""
+    answers = iter(batch.responses)
+    results: list[SearchResponse | RagError] = []
+    for request in requests:
+        if isinstance(request, RagError):
+            results.append(request)
+            continue
+        item = next(answers)
+        if isinstance(item, BatchSearchError):
+            results.append(error_from_status(item.status, item.error.detail, retry_after_s=item.retry_after_s or 1))
+        else:
+            results.append(SearchResponse.model_construct(**{k: v for k, v in item if k != "status"}))
+    return results
+
+
 # -- through a DeploymentHandle ------------------------------------------------------------------
 class HandleTransport:
     def __init__(self, handle: Any) -> None:
@@ -182,22 +288,22 @@ class HandleTransport:
         self._handle = handle
         self._replica_gone = (RayActorError, ActorUnavailableError)
 
-    def send(self, request: SearchRequest) -> Any:
+    def send(self, method: str, body: BaseModel) -> Any:
         try:
-            return self._handle.search.remote(request).result()
+            return getattr(self._handle, method).remote(body).result()
         except Exception as exc:
             return exc
 
-    async def send_async(self, request: SearchRequest) -> Any:
+    async def send_async(self, method: str, body: BaseModel) -> Any:
         try:
-            return await self._handle.search.remote(request)
+            return await getattr(self._handle, method).remote(body)
         except Exception as exc:
             return exc
 
     def retryable(self, outcome: Any) -> bool:
         return isinstance(outcome, self._replica_gone)  # the gateway replica died: another one answers
 
-    def answer(self, outcome: Any) -> SearchResponse:
+    def answer(self, outcome: Any, model: type[M]) -> M:
         if isinstance(outcome, Exception):
             # Ray wraps an exception raised in a replica; surface ragfan's own error to the caller.
             cause = getattr(outcome, "cause", None)
@@ -243,15 +349,15 @@ class HTTPTransport:
             self._async_loop = loop
         return self._async
 
-    def send(self, request: SearchRequest) -> Any:
+    def send(self, method: str, body: BaseModel) -> Any:
         try:
-            return self._sync_client().post(SEARCH_PATH, content=_body(request))
+            return self._sync_client().post(PATHS[method], content=_body(body))
         except RETRY_NETWORK as exc:
             return exc
 
-    async def send_async(self, request: SearchRequest) -> Any:
+    async def send_async(self, method: str, body: BaseModel) -> Any:
         try:
-            return await self._async_client().post(SEARCH_PATH, content=_body(request))
+            return await self._async_client().post(PATHS[method], content=_body(body))
         except RETRY_NETWORK as exc:
             return exc
 
@@ -260,11 +366,11 @@ class HTTPTransport:
             return True
         return outcome.status_code in RETRY_STATUSES and not _is_ragfan_error(outcome)
 
-    def answer(self, outcome: Any) -> SearchResponse:
+    def answer(self, outcome: Any, model: type[M]) -> M:
         if isinstance(outcome, Exception):
             raise outcome
         if outcome.status_code == 200:
-            return SearchResponse.model_validate_json(outcome.content)
+            return model.model_validate_json(outcome.content)
         raise error_from_response(outcome, self.url)
 
     def close(self) -> None:
@@ -277,8 +383,8 @@ class HTTPTransport:
             await self._async.aclose()
 
 
-def _body(request: SearchRequest) -> bytes:
-    return request.model_dump_json(exclude_none=True).encode("utf-8")
+def _body(body: BaseModel) -> bytes:
+    return body.model_dump_json(exclude_defaults=True).encode("utf-8")
 
 
 def _detail(response: httpx.Response) -> Any:
@@ -301,7 +407,15 @@ def _retry_after(response: httpx.Response) -> int:
 
 def error_from_response(response: httpx.Response, url: str) -> RagError:
     """The ragfan error that an HTTP error answer stands for: the gateway's mapping, read backwards."""
-    status, detail = response.status_code, _detail(response)
+    error = error_from_status(response.status_code, _detail(response), retry_after_s=_retry_after(response), url=url)
+    if type(error) is RagError:
+        excerpt = " ".join(response.text.split())[:200]
+        return RagError(f"ragfan at {url} answered HTTP {response.status_code} {response.reason_phrase}: {excerpt}")
+    return error
+
+
+def error_from_status(status: int, detail: Any, *, retry_after_s: int = 1, url: str = "ragfan") -> RagError:
+    """The ragfan error of an error body's status and `detail`: of an HTTP answer, or a batch item."""
     message = detail if isinstance(detail, str) else f"HTTP {status}"
     if status == 422:
         try:
@@ -315,18 +429,15 @@ def error_from_response(response: httpx.Response, url: str) -> RagError:
     if status == 413:
         return PayloadTooLarge(message)
     if status == 503 and isinstance(detail, dict) and "retrievers" in detail:
-        return NoRetrieverAvailable(str(detail.get("message")), detail["retrievers"],
-                                    retry_after_s=_retry_after(response))
+        return NoRetrieverAvailable(str(detail.get("message")), detail["retrievers"], retry_after_s=retry_after_s)
     if status == 503:  # Serve's backpressure: the proxy refused before the request reached ragfan
-        retry = _retry_after(response)
-        return Overloaded(f"ragfan at {url} is overloaded: retry after {retry} s", retry_after_s=retry)
-    excerpt = " ".join(response.text.split())[:200]
-    return RagError(f"ragfan at {url} answered HTTP {status} {response.reason_phrase}: {excerpt}")
+        return Overloaded(f"ragfan at {url} is overloaded: retry after {retry_after_s} s", retry_after_s=retry_after_s)
+    return RagError(f"ragfan at {url} answered HTTP {status}")
 
 
 # The errors a search raises are importable from here too, as httpx exports its own.
 __all__ = [
     "HTTPTransport", "HandleTransport", "InvalidRequest", "MalformedRequest", "NoRetrieverAvailable", "Overloaded",
     "PayloadTooLarge", "RagClient", "RagError", "ServiceUnavailable", "Transport", "Unauthorized",
-    "error_from_response",
+    "error_from_response", "error_from_status",
 ]

@@ -262,6 +262,7 @@ class GatewayConfig(ScalingConfig):
     retry_after_s: int = Field(1, ge=0, description="the Retry-After of a 503 for overload")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get a 413 (bytes or '64KiB')")
     api_keys_file: Path | None = Field(None, description="one API key per line; adds to RAGFAN_API_KEYS")
+    max_batch_searches: int = Field(64, ge=1, description="searches in one POST /v1/search/batch; more get a 413")
     compress_min_bytes: int | None = Field(
         1024, ge=0, description="answers this large or larger are compressed as Accept-Encoding asks (zstd, br, "
         "gzip); null: never (bytes or '1KiB')"

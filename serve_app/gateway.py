@@ -1,4 +1,4 @@
-"""The gateway: validate a search, ask the lanes, fuse, answer.
+"""The gateway: validate a search, ask the lanes, fuse, answer; a batch of searches the same way.
 
 `Gateway` is plain Python over deployment handles. Everything around one retriever's call lives in
 its lane (serve_app/lanes.py); HTTP lives in serve_app/http.py; the Serve deployment that hosts a
@@ -16,15 +16,21 @@ from typing import Any
 from pydantic import ValidationError
 
 from actors.encoder import encoder_name
-from actors.errors import InvalidRequest, NoRetrieverAvailable
+from actors.errors import InvalidRequest, NoRetrieverAvailable, PayloadTooLarge, RagError
 from serve_app.batcher import now
 from serve_app.breaker import CircuitBreaker
 from serve_app.config import AppConfig
 from serve_app.fanout import Outcome
 from serve_app.fusion import fuse
-from serve_app.lanes import CIRCUIT_OPEN, EncoderLane, RetrieverLane, slots
+from serve_app.lanes import CIRCUIT_OPEN, Ask, EncoderLane, RetrieverLane, slots
 from serve_app.schemas import (
+    BatchItem,
+    BatchSearchError,
+    BatchSearchRequest,
+    BatchSearchResponse,
+    BatchSearchResult,
     EncoderInfo,
+    ErrorResponse,
     FusionOptions,
     Result,
     RetrieverInfo,
@@ -71,6 +77,32 @@ def validate(request: SearchRequest | dict[str, Any], config: AppConfig) -> tupl
     if errors:
         raise InvalidRequest("; ".join(e["msg"] for e in errors), errors)
     return request, list(dict.fromkeys(request.retrievers or config.names))
+
+
+def validate_batch(
+    batch: BatchSearchRequest | dict[str, Any], config: AppConfig
+) -> list[tuple[SearchRequest, list[str]] | InvalidRequest]:
+    """Each search of the batch validated, or its InvalidRequest in its place.
+
+    Raises InvalidRequest when the body is not a batch (no list, an empty one), and PayloadTooLarge
+    past `gateway.max_batch_searches`.
+    """
+    if not isinstance(batch, BatchSearchRequest):
+        try:
+            batch = BatchSearchRequest.model_validate(batch)
+        except ValidationError as exc:
+            raise InvalidRequest.from_validation(exc.errors()) from None
+    limit = config.gateway.max_batch_searches
+    if len(batch.searches) > limit:
+        raise PayloadTooLarge(f"the batch has {len(batch.searches)} searches; the limit is {limit} "
+                              "(gateway.max_batch_searches): send them in smaller batches")
+    checked: list[tuple[SearchRequest, list[str]] | InvalidRequest] = []
+    for search in batch.searches:
+        try:
+            checked.append(validate(search, config))
+        except InvalidRequest as exc:
+            checked.append(exc)
+    return checked
 
 
 def filter_keys(config: AppConfig) -> list[str]:
@@ -124,34 +156,82 @@ class Gateway:
         request, selected = validate(request, self.config)
         if not self.config.enabled:
             return self._disabled(request, started)
-        outcomes = await self.ask(request, selected)
+        [outcomes] = await self.ask([(request, selected)])
         results = self.fuse(request, outcomes)
         return self.answer(request, outcomes, results, started)
 
-    async def ask(self, request: SearchRequest, selected: list[str]) -> dict[str, Outcome]:
-        """Every selected lane at once; the query is encoded once per model, for all lanes of it."""
-        lanes = [self.lanes[name] for name in selected]
-        encodings: dict[str, asyncio.Future] = {}
-        for lane in lanes:
-            if lane.encoder is not None and lane.encoder.model not in encodings:
-                timeout_ms = max(x.timeout_ms for x in lanes if x.encoder is lane.encoder)
-                timeout_s = min(timeout_ms, request.timeout_ms or timeout_ms) / 1000
-                encodings[lane.encoder.model] = asyncio.ensure_future(
-                    lane.encoder.encode(request.query, timeout_s=timeout_s)
-                )
+    async def search_batch(self, batch: BatchSearchRequest | dict[str, Any]) -> BatchSearchResponse:
+        """Each search of the batch answered in its place, in order: a bad or failed one is an error
+        item and fails no other. Raises only for the body itself (InvalidRequest, PayloadTooLarge)."""
+        started = now()
+        checked = validate_batch(batch, self.config)
+        valid = [c for c in checked if not isinstance(c, InvalidRequest)]
+        asked = iter(await self.ask(valid) if valid and self.config.enabled else [])
+        return BatchSearchResponse(
+            responses=[self._item(c, asked, started) for c in checked], latency_ms=_ms(started)
+        )
+
+    def _item(self, checked: tuple[SearchRequest, list[str]] | InvalidRequest, asked: Any, started: float) -> BatchItem:
+        """One search of a batch: fused and answered as `search` answers it, or its error."""
+        try:
+            if isinstance(checked, InvalidRequest):
+                raise checked
+            request = checked[0]
+            if not self.config.enabled:
+                return _ok(self._disabled(request, started))
+            outcomes = next(asked)
+            return _ok(self.answer(request, outcomes, self.fuse(request, outcomes), started))
+        except (InvalidRequest, NoRetrieverAvailable) as exc:
+            return _failed(exc)
+
+    async def ask(self, searches: list[tuple[SearchRequest, list[str]]]) -> list[dict[str, Outcome]]:
+        """Each search's outcome per selected retriever. Every lane is asked once, with the queries of
+        all the searches that select it, and each model's encoder once, for all of their texts."""
+        selecting: dict[str, list[int]] = {}  # lane -> the searches that select it
+        for i, (_, selected) in enumerate(searches):
+            for name in selected:
+                selecting.setdefault(name, []).append(i)
+        asks = {name: [_ask(searches[i][0]) for i in indices] for name, indices in selecting.items()}
+        # The result cache first: a text that every lane of its model finds there is never encoded.
+        found = await asyncio.gather(*(self.lanes[name].lookup(group) for name, group in asks.items()))
+        lookups = dict(zip(asks, found, strict=True))
+        missed = [(name, i) for name, indices in selecting.items()
+                  for j, i in enumerate(indices) if lookups[name].found[j] is None]
+        encodings = self._encode(searches, missed)
         try:
             answers = await asyncio.gather(*(
-                lane.search(request.query, top_k=request.top_k, filters=request.filters,
-                            timeout_ms=request.timeout_ms,
-                            vector=encodings[lane.encoder.model] if lane.encoder is not None else None)
-                for lane in lanes
+                self.lanes[name].search_many(group, encodings.get(self._model(name)), lookups[name])
+                for name, group in asks.items()
             ))
         finally:
             for task in encodings.values():
                 if task.done() and not task.cancelled():
                     task.exception()  # each lane saw it; mark it retrieved
                 task.cancel()
-        return {o.name: o for o in answers}
+        by_lane = {name: dict(zip(indices, outcomes, strict=True))
+                   for (name, indices), outcomes in zip(selecting.items(), answers, strict=True)}
+        return [{name: by_lane[name][i] for name in selected} for i, (_, selected) in enumerate(searches)]
+
+    def _model(self, name: str) -> str | None:
+        encoder = self.lanes[name].encoder
+        return encoder.model if encoder is not None else None
+
+    def _encode(self, searches: list[tuple[SearchRequest, list[str]]], missed: list[tuple[str, int]]
+                ) -> dict[str | None, asyncio.Future]:
+        """One encoding task per model, of every text that a lane of it must search (`missed`: the
+        lane, and the search's index), for as long as the longest of their deadlines."""
+        texts: dict[str, dict[str, None]] = {}  # per model, each text once, in order
+        timeout_ms: dict[str, int] = {}
+        for name, i in missed:
+            request, model, lane = searches[i][0], self._model(name), self.lanes[name]
+            if model is not None:
+                texts.setdefault(model, {})[request.query] = None
+                own = min(lane.timeout_ms, request.timeout_ms or lane.timeout_ms)
+                timeout_ms[model] = max(timeout_ms.get(model, 0), own)
+        return {
+            model: asyncio.ensure_future(self.encoders[model].encode_many(list(t), timeout_s=timeout_ms[model] / 1000))
+            for model, t in texts.items()
+        }
 
     def fuse(self, request: SearchRequest, outcomes: dict[str, Outcome]) -> list[Result]:
         """One ranked list from the lanes that answered.
@@ -259,9 +339,25 @@ class Gateway:
         return {"batches": batches}
 
 
+def _ask(request: SearchRequest) -> Ask:
+    return Ask(request.query, request.top_k, request.filters, request.timeout_ms, cache=request.cache)
+
+
+def _ok(response: SearchResponse) -> BatchSearchResult:
+    return BatchSearchResult.model_construct(status=200, **dict(response))
+
+
+def _failed(exc: RagError) -> BatchSearchError:
+    """A search's error as a batch item: the body and Retry-After a single search would get."""
+    retry = exc.headers().get("Retry-After")
+    return BatchSearchError(status=exc.status_code, error=ErrorResponse(detail=exc.detail()),
+                            retry_after_s=int(retry) if retry else None)
+
+
 def _status(o: Outcome) -> RetrieverStatus:
     return RetrieverStatus(
-        status=o.status, latency_ms=o.latency_ms, num_hits=len(o.value or []), error=o.error, coverage=o.coverage
+        status=o.status, latency_ms=o.latency_ms, num_hits=len(o.value or []), error=o.error, coverage=o.coverage,
+        cached=o.cache == "hit", cache=o.cache,  # type: ignore[arg-type]  # a CacheState, or None
     )
 
 

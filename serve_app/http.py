@@ -44,7 +44,14 @@ from starlette_compress import CompressMiddleware
 from actors.errors import ConfigError, InvalidRequest, MalformedRequest, PayloadTooLarge, RagError, Unauthorized
 from serve_app import __version__
 from serve_app.gateway import Gateway, filter_keys
-from serve_app.schemas import ErrorResponse, RetrieversResponse, SearchRequest, SearchResponse
+from serve_app.schemas import (
+    BatchSearchRequest,
+    BatchSearchResponse,
+    ErrorResponse,
+    RetrieversResponse,
+    SearchRequest,
+    SearchResponse,
+)
 
 OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 MAX_JSON_DEPTH = 32
@@ -263,6 +270,15 @@ def build_api(gateway: Gateway, *, max_body_bytes: int | None = None, key_digest
     async def search(request: SearchRequest) -> SearchResponse:
         return await gateway.search(request)
 
+    @api.post("/v1/search/batch", response_model=BatchSearchResponse, summary="Several searches, answered in order",
+              description="Each search is answered in its place, 200 with its SearchResponse or its own 422 or "
+              "503 error; one bad or failed search fails no other. Each retriever is asked once for the batch.",
+              responses={**ERRORS, 413: {"model": ErrorResponse, "description": "the body is over "
+                         "gateway.max_body_bytes, or it has more searches than gateway.max_batch_searches"},
+                         422: {"model": ErrorResponse, "description": "the body is not a list of searches"}})
+    async def search_batch(batch: BatchSearchRequest) -> BatchSearchResponse:
+        return await gateway.search_batch(batch)
+
     @api.get("/v1/retrievers", response_model=RetrieversResponse, summary="Each retriever and its health",
              responses={401: ERRORS[401]})
     async def retrievers() -> RetrieversResponse:
@@ -297,6 +313,9 @@ def _openapi_with_rules(api: FastAPI, gateway: Gateway, *, secured: bool) -> Cal
         if not keys:
             request["filters"]["anyOf"][0]["maxProperties"] = 0
         components["FusionOptions"]["properties"]["weights"]["anyOf"][0]["propertyNames"] = names
+        searches = components["BatchSearchRequest"]["properties"]["searches"]
+        searches["items"] = {"$ref": "#/components/schemas/SearchRequest"}
+        searches["maxItems"] = config.gateway.max_batch_searches
         if secured:
             schema["components"]["securitySchemes"] = {"APIKey": {"type": "http", "scheme": "bearer"}}
             for path, operations in schema["paths"].items():

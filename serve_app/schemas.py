@@ -130,6 +130,39 @@ class ErrorResponse(BaseModel):
     detail: Any = Field(description="what was wrong: a message, or for 503 the reason of each retriever")
 
 
+# -- batch queries: POST /v1/search/batch ----------------------------------------------------------
+class BatchSearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # Each item is checked on its own (a bad one is answered 422 in its place), so the body itself
+    # only needs a list here; the OpenAPI schema states each item as a SearchRequest (serve_app/http.py).
+    searches: list[Any] = Field(
+        min_length=1, description="SearchRequests, answered in this order; at most gateway.max_batch_searches"
+    )
+
+
+class BatchSearchResult(SearchResponse):
+    """One search of a batch that answered: the whole SearchResponse, and its status."""
+
+    status: Literal[200] = 200
+
+
+class BatchSearchError(BaseModel):
+    """One search of a batch that did not: the status and the error body a single search would get."""
+
+    status: Literal[422, 503] = Field(description="422: this search is invalid; 503: no retriever it selects answered")
+    error: ErrorResponse
+    retry_after_s: int | None = Field(None, description="a 503's Retry-After: when to send this search again")
+
+
+BatchItem = Annotated[BatchSearchResult | BatchSearchError, Field(discriminator="status")]
+
+
+class BatchSearchResponse(BaseModel):
+    responses: list[BatchItem] = Field(description="one per search, in the request's order")
+    latency_ms: float
+
+
 class RetrieverInfo(BaseModel):
     name: str
     kind: str
