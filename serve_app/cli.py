@@ -13,14 +13,16 @@ import sys
 import textwrap
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actors.errors import RagError
+from actors.errors import InvalidRequest, NoRetrieverAvailable, Overloaded, RagError, Unauthorized
 
 if TYPE_CHECKING:
     from serve_app.schemas import SearchResponse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+QUERY_BATCH = 64  # searches per request of `ragfan query --file`: the gateway's default max_batch_searches
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,7 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting one")
 
     query_p = sub.add_parser("query", help="search a running service and print the fused results")
-    query_p.add_argument("text", help="the query")
+    query_p.add_argument("text", nargs="?", help="the query (or --file)")
+    query_p.add_argument("--file", help="one query per line (blank lines skipped), sent in batches of "
+                         f"{QUERY_BATCH}; prints a result block per query; '-' reads stdin")
     query_p.add_argument("--top-k", type=int, default=10)
     query_p.add_argument("--retrievers", help="comma-separated names (default: all)")
     query_p.add_argument(
@@ -282,7 +286,6 @@ def bench_command(args: argparse.Namespace) -> int:
 def query(args: argparse.Namespace) -> int:
     import httpx
 
-    from actors.errors import InvalidRequest, NoRetrieverAvailable, Overloaded, Unauthorized
     from serve_app.client import RagClient
 
     filters: dict[str, Any] = {}
@@ -293,34 +296,68 @@ def query(args: argparse.Namespace) -> int:
             return 2
         filters[key] = value
     retrievers = [r.strip() for r in args.retrievers.split(",") if r.strip()] if args.retrievers else None
+    if (args.text is None) == (args.file is None):
+        print("ragfan: error: give a query, or --file with one query per line (not both)", file=sys.stderr)
+        return 2
+    options = {"top_k": args.top_k, "retrievers": retrievers, "filters": filters or None, "timeout_ms": args.timeout_ms}
     try:
         with RagClient(url=args.url, api_key=args.api_key) as client:
-            response = client.search(args.text, top_k=args.top_k, retrievers=retrievers, filters=filters or None,
-                                      timeout_ms=args.timeout_ms)
+            if args.file is not None:
+                return _query_file(client, _read_queries(args.file), options, args)
+            response = client.search(args.text, **options)
     except Unauthorized:
         print("ragfan: error: the service needs an API key: pass --api-key or set RAGFAN_API_KEY", file=sys.stderr)
         return 2
-    except InvalidRequest as exc:
-        for err in exc.errors:
-            field = ".".join(str(p) for p in err.get("loc", [])[1:]) or "body"
-            print(f"ragfan: invalid request: {field}: {err.get('msg')}", file=sys.stderr)
-        return 2
-    except NoRetrieverAvailable as exc:
-        print(f"ragfan: unavailable: {exc.message}", file=sys.stderr)
-        for name, reason in exc.reasons.items():
-            print(f"  {name}: {reason.get('status')}: {reason.get('error')}", file=sys.stderr)
-        return 1
-    except Overloaded as exc:
-        print(f"ragfan: error: ragfan at {args.url} is overloaded: retry after {exc.retry_after_s} s", file=sys.stderr)
-        return 1
     except httpx.TransportError as exc:
         print(f"ragfan: error: cannot reach ragfan at {args.url} ({exc}). Is `make serve` running?", file=sys.stderr)
         return 1
-    except RagError as exc:  # the service failed (a 5xx that persisted): not the caller's doing
-        print(f"ragfan: error: {exc.message}", file=sys.stderr)
-        return 1
+    except RagError as exc:
+        return _report(exc, args.url)
     print(response.model_dump_json(indent=2) if args.json else format_response(response))
     return 0
+
+
+def _read_queries(path: str) -> list[str]:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RagError(f"--file {path}: cannot read it: {exc.strerror}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _query_file(client: Any, queries: list[str], options: dict[str, Any], args: argparse.Namespace) -> int:
+    """One result block per query, asked QUERY_BATCH at a time; non-zero when any one failed."""
+    code = 0
+    for start in range(0, len(queries), QUERY_BATCH):
+        chunk = queries[start:start + QUERY_BATCH]
+        for n, (text, result) in enumerate(zip(chunk, client.search_batch(chunk, **options), strict=True), start + 1):
+            print(f"== {n}. {text}")
+            if isinstance(result, RagError):
+                code = max(code, _report(result, args.url, to=sys.stdout))
+            else:
+                print(result.model_dump_json(indent=2) if args.json else format_response(result))
+            print()
+    return code
+
+
+def _report(exc: RagError, url: str, to: Any = None) -> int:
+    """Say what went wrong with a search; the exit code: 2 for the caller's mistake, else 1."""
+    out = to or sys.stderr
+    if isinstance(exc, InvalidRequest):
+        for err in exc.errors:
+            field = ".".join(str(p) for p in err.get("loc", [])[1:]) or "body"
+            print(f"ragfan: invalid request: {field}: {err.get('msg')}", file=out)
+        return 2
+    if isinstance(exc, NoRetrieverAvailable):
+        print(f"ragfan: unavailable: {exc.message}", file=out)
+        for name, reason in exc.reasons.items():
+            print(f"  {name}: {reason.get('status')}: {reason.get('error')}", file=out)
+        return 1
+    if isinstance(exc, Overloaded):
+        print(f"ragfan: error: ragfan at {url} is overloaded: retry after {exc.retry_after_s} s", file=out)
+        return 1
+    print(f"ragfan: error: {exc.message}", file=out)  # the service failed (a 5xx that persisted)
+    return 1
 
 
 def format_response(r: SearchResponse, width: int | None = None) -> str:

@@ -329,3 +329,92 @@ def test_query_checks_the_request_before_sending_it(serve, capsys):
     assert query("--top-k", "0") == 2
     assert capsys.readouterr().err.startswith("ragfan: invalid request: top_k: ") and not server.requests
 
+
+
+# -- batches ------------------------------------------------------------------------------------
+def batch_answer(*items) -> httpx.Response:
+    return httpx.Response(200, json={"responses": list(items), "latency_ms": 5.0})
+
+
+FAILED_ITEM = {"status": 503, "error": {"detail": {"message": "no selected retriever answered", "retrievers": REASONS}},
+               "retry_after_s": 3}
+
+
+@pytest.fixture(params=["sync", "async"])
+def search_batch(request):
+    """client, searches, **kwargs -> the results, through search_batch() or search_batch_async()."""
+    if request.param == "sync":
+        return lambda client, searches, **kw: client.search_batch(searches, **kw)
+    return lambda client, searches, **kw: asyncio.run(client.search_batch_async(searches, **kw))
+
+
+def test_a_batch_answers_each_search_typed_in_order_and_bad_ones_are_not_sent(search_batch):
+    server = Server(batch_answer({**ANSWER, "status": 200}, FAILED_ITEM, {**ANSWER, "query": "p53", "status": 200}))
+    results = search_batch(server.client(), ["vitamin d", " \x00 ", "aspirin", {"query": "p53", "top_k": 2}], top_k=3)
+    assert [type(r) for r in results] == [SearchResponse, InvalidRequest, NoRetrieverAvailable, SearchResponse]
+    assert results[0].results[0].id == "d1" and results[3].query == "p53"
+    assert results[1].errors[0]["loc"] == ["body", "query"]  # refused here, as search() refuses it
+    assert results[2].reasons == REASONS and results[2].retry_after_s == 3
+    [sent] = server.requests
+    assert sent.url.path == "/guard/v1/search/batch"
+    assert json.loads(sent.content)["searches"] == [
+        {"query": "vitamin d", "top_k": 3}, {"query": "aspirin", "top_k": 3}, {"query": "p53", "top_k": 2},
+    ]
+
+
+def test_a_batch_item_422_is_the_servers_invalid_request(search_batch):
+    detail = [{"loc": ["body", "retrievers"], "msg": "unknown retriever(s) 'x'", "type": "value_error"}]
+    server = Server(batch_answer({"status": 422, "error": {"detail": detail}}))
+    [result] = search_batch(server.client(), [{"query": "q", "retrievers": ["x"]}])
+    assert isinstance(result, InvalidRequest) and result.errors == detail
+
+
+def test_a_batch_over_the_limit_raises_and_an_all_bad_batch_sends_nothing(search_batch):
+    server = Server(error(413, "the batch has 65 searches; the limit is 64 (gateway.max_batch_searches)"))
+    with pytest.raises(PayloadTooLarge, match="the limit is 64"):
+        search_batch(server.client(), ["q"] * 65)
+    server = Server(ok())
+    assert [type(r) for r in search_batch(server.client(), ["", " "])] == [InvalidRequest, InvalidRequest]
+    assert server.requests == []
+
+
+def test_a_batch_lost_on_the_way_is_sent_once_more(search_batch):
+    server = Server(dropped(httpx.ConnectError), batch_answer({**ANSWER, "status": 200}))
+    assert isinstance(search_batch(server.client(), ["q"])[0], SearchResponse) and len(server.requests) == 2
+
+
+async def test_the_real_app_and_a_handle_answer_a_batch_the_same(app, docs):
+    async with RagClient(url="http://app", api_key="k-1", transport=httpx.ASGITransport(app=app)) as client:
+        over_http = await client.search_batch_async(["vitamin d", "", {"query": "x", "retrievers": ["zzz"]}], top_k=2)
+    config = parse_config({"retrievers": [{"name": n, "kind": "synthetic", "data": "unused.jsonl"} for n in "ab"]},
+                          base_dir=Path("."))
+    gateway = Gateway(config, {n: [FakeHandle(SyntheticRetriever(name=n, documents=docs))] for n in "ab"})
+    handle = FakeHandle(gateway)
+    through_handle = await RagClient.from_handle(handle).search_batch_async(
+        ["vitamin d", "", {"query": "x", "retrievers": ["zzz"]}], top_k=2
+    )
+    assert [name for name, _ in handle.calls] == ["search_batch"]
+    for results in (over_http, through_handle):
+        assert [type(r) for r in results] == [SearchResponse, InvalidRequest, InvalidRequest]
+        assert results[0].results[0].id == "d1" and "valid: a, b" in results[2].message
+    assert [r.id for r in over_http[0].results] == [r.id for r in through_handle[0].results]
+
+
+def test_query_file_prints_a_block_per_line_in_batches_of_64_and_fails_if_any_failed(serve, capsys, tmp_path):
+    lines = [f"query {i}" for i in range(70)]
+    path = tmp_path / "queries.txt"
+    path.write_text("\n".join(lines[:3] + ["", "  "] + lines[3:]) + "\n", encoding="utf-8")
+    first = [{**ANSWER, "query": q, "status": 200} for q in lines[:64]]
+    first[1] = FAILED_ITEM
+    server = serve(batch_answer(*first), batch_answer(*({**ANSWER, "query": q, "status": 200} for q in lines[64:])))
+    assert main(["query", "--file", str(path), "--url", URL]) == 1
+    assert [len(json.loads(r.content)["searches"]) for r in server.requests] == [64, 6]
+    out = capsys.readouterr().out
+    assert out.count("degraded: yes") == 69 and "== 70. query 69" in out
+    assert "== 2. query 1\nragfan: unavailable: no selected retriever answered" in out
+
+
+def test_query_wants_a_query_or_a_file(serve, capsys):
+    serve(ok())
+    assert main(["query", "--url", URL]) == 2
+    assert "give a query, or --file" in capsys.readouterr().err
