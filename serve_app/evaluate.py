@@ -3,7 +3,9 @@
 The dataset's corpus is ingested (or the cached artifacts reused) into a `dense` and a `keyword`
 retriever. A local app with the real gateway starts (or one on `--address`), and every query of
 the split goes through the same DeploymentHandle path a client uses: once to each retriever alone
-and once to both, fused. The metrics come from ir-measures: nDCG@10, R@100 and RR@10 (MRR@10).
+and once to both, fused. The queries go as batch searches (`search_batch`), BATCH at a time per
+system, so that each retriever gets one call per batch instead of one per query.
+The metrics come from ir-measures: nDCG@10, R@100 and RR@10 (MRR@10).
 
 Hits of chunked documents are grouped back to their document (best rank wins). A query that the
 service rejects or fails is scored as a miss (an empty ranking) and counted in `failed_queries`.
@@ -29,6 +31,7 @@ from serve_app.schemas import FusionOptions, SearchResponse
 MEASURES = ("nDCG@10", "R@100", "RR@10")
 DEPTH = 100
 APP = "ragfan-eval"
+BATCH = 64  # searches per batch request: the gateway's default max_batch_searches
 
 
 def load_beir(dataset: Path, split: str) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
@@ -78,31 +81,38 @@ def measure(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]]) 
 
 
 async def _run_queries(client, queries, systems, *, fusion, ignore_identical_ids, concurrency):
+    """Each system's ranking per query, and its failures; the queries go BATCH to a request, and
+    `concurrency` queries (at least one batch) are in flight at once. Also the requests sent."""
     runs: dict[str, dict[str, dict[str, float]]] = {name: {} for name in systems}
     failed: dict[str, dict[str, str]] = {name: {} for name in systems}
-    gate = asyncio.Semaphore(concurrency)
+    gate = asyncio.Semaphore(max(1, concurrency // BATCH))
+    ids = list(queries)
+    batches = [ids[i:i + BATCH] for i in range(0, len(ids), BATCH)]
 
-    async def one(system: str, retrievers: list[str], qid: str, text: str, bar) -> None:
+    async def one(system: str, retrievers: list[str], qids: list[str], bar) -> None:
         async with gate:
             try:
-                response = await client.search_async(text, top_k=DEPTH, retrievers=retrievers, fusion=fusion)
-                runs[system][qid] = to_run(response, qid, ignore_identical_ids)
-                if response.degraded:
-                    failed[system][qid] = "degraded: " + ", ".join(
-                        f"{n}={s.status}" for n, s in response.retrievers.items() if s.status not in ("ok", "skipped")
-                    )
-            except Exception as exc:  # a rejected query is a miss, and reported
+                answers = await client.search_batch_async([queries[q] for q in qids], top_k=DEPTH,
+                                                          retrievers=retrievers, fusion=fusion)
+            except Exception as exc:  # the whole batch was refused: each of its queries is a miss
+                answers = [exc] * len(qids)
+        for qid, answer in zip(qids, answers, strict=True):
+            if isinstance(answer, Exception):  # a rejected query is a miss, and reported
                 runs[system][qid] = {}
-                failed[system][qid] = f"{type(exc).__name__}: {exc}"[:200]
-            bar.update(1)
+                failed[system][qid] = f"{type(answer).__name__}: {answer}"[:200]
+                continue
+            runs[system][qid] = to_run(answer, qid, ignore_identical_ids)
+            if answer.degraded:
+                failed[system][qid] = "degraded: " + ", ".join(
+                    f"{n}={s.status}" for n, s in answer.retrievers.items() if s.status not in ("ok", "skipped")
+                )
+        bar.update(len(qids))
 
     with tqdm(total=len(queries) * len(systems), desc="queries", unit="q") as bar:
         await asyncio.gather(*(
-            one(system, retrievers, qid, text, bar)
-            for qid, text in queries.items()
-            for system, retrievers in systems.items()
+            one(system, retrievers, qids, bar) for qids in batches for system, retrievers in systems.items()
         ))
-    return runs, failed
+    return runs, failed, len(batches) * len(systems)
 
 
 def evaluate(
@@ -162,7 +172,7 @@ def evaluate(
         handle = serve.run(app_from_config(config), name=APP, route_prefix=None)
         options = FusionOptions.model_validate({"method": fusion}) if fusion else None
         systems = {"dense": ["dense"], "keyword": ["keyword"], "fused": ["dense", "keyword"]}
-        runs, failed = asyncio.run(_run_queries(
+        runs, failed, requests = asyncio.run(_run_queries(
             RagClient.from_handle(handle), queries, systems,
             fusion=options, ignore_identical_ids=ignore_identical_ids, concurrency=concurrency,
         ))
@@ -179,6 +189,7 @@ def evaluate(
         "fusion": {"method": fusion or config.fusion.method, "k": config.fusion.k,
                    "weights": {r.name: r.weight for r in config.retrievers}},
         "failed_queries": {system: len(f) for system, f in failed.items()},
+        "requests": requests,  # batch searches sent, BATCH queries at most each
         "failures": {system: dict(list(f.items())[:10]) for system, f in failed.items() if f},
         "ignore_identical_ids": ignore_identical_ids,
         "seconds": round(time.perf_counter() - started, 1),

@@ -78,6 +78,7 @@ def test_ingest_serve_and_eval_a_tiny_beir_dataset(cluster, tmp_path, monkeypatc
         assert set(values) == {"nDCG@10", "R@100", "RR@10"}
         assert all(0.0 <= v <= 1.0 for v in values.values())
     assert report["failed_queries"] == {"dense": 0, "keyword": 0, "fused": 0}
+    assert report["requests"] == 3  # the batch path: one search_batch of the 8 queries per system
     # R@100 is 1.0 for any ranking of a 40-document corpus; ranking quality shows in the top 10.
     # Against rankings in random order (nDCG@10 about 0.1 here) and a fixed bar:
     chance = random_ndcg(FIXTURES / "tinybeir")

@@ -55,3 +55,33 @@ def test_load_beir_keeps_judged_queries_only(tmp_path):
 
     with pytest.raises(RagError, match="qrels/dev.tsv: not found"):
         load_beir(tmp_path, "dev")
+
+
+async def test_eval_asks_in_batches_and_ranks_as_single_searches_would(docs):
+    """The batch path (one search_batch per 64 queries and system) gives the rankings that one
+    search per query gives, so the metrics are the same as before batching."""
+    from pathlib import Path
+
+    from actors.synthetic import SyntheticRetriever
+    from serve_app.client import RagClient
+    from serve_app.config import parse_config
+    from serve_app.evaluate import BATCH, _run_queries
+    from serve_app.gateway import Gateway
+    from serve_app.testing import FakeHandle
+
+    config = parse_config({"retrievers": [{"name": n, "kind": "synthetic", "data": "unused.jsonl", "top_k": 100}
+                                          for n in ("dense", "keyword")]}, base_dir=Path("."))
+    handle = FakeHandle(Gateway(config, {n: [FakeHandle(SyntheticRetriever(name=n, documents=docs))]
+                                         for n in ("dense", "keyword")}))
+    words = ["aspirin", "cancer", "metformin", "diabetes", "p53", "vitamin", "risk", "glucose"]
+    queries = {f"q{i}": f"{words[i % 8]} {words[i * 3 % 8]} {i}" for i in range(BATCH + 6)}
+    systems = {"dense": ["dense"], "keyword": ["keyword"], "fused": ["dense", "keyword"]}
+    runs, failed, requests = await _run_queries(RagClient.from_handle(handle), queries, systems, fusion=None,
+                                                ignore_identical_ids=False, concurrency=BATCH)
+    assert requests == 2 * 3 and [name for name, _ in handle.calls] == ["search_batch"] * 6
+    assert failed == {"dense": {}, "keyword": {}, "fused": {}} and all(runs["fused"].values())
+    client = RagClient.from_handle(FakeHandle(handle.target))
+    for system, retrievers in systems.items():
+        for qid, text in queries.items():
+            single = await client.search_async(text, top_k=100, retrievers=retrievers)
+            assert runs[system][qid] == to_run(single, qid, ignore_identical_ids=False), (system, qid)
