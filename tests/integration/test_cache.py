@@ -136,18 +136,18 @@ def test_a_repeated_query_is_a_hit_with_the_same_answer_and_expires(cached_url):
 
 def test_a_reingest_is_never_answered_from_the_old_index(cached_url, redis_server, corpus, cluster):
     url, out = cached_url
-    query = "zebrafish aortic floor haematopoietic stem cells"
-    before = search(url, query)
-    assert search(url, query)["retrievers"]["keyword"]["cached"] is True
-    new_doc = {"_id": "new-zebrafish", "title": "", "text": "zebrafish aortic floor haematopoietic stem cells " * 3}
+    query = "quokkaflux stem cells"  # a word no document has, until the re-ingest adds one
+    before = search(url, query, retrievers=["keyword"])
+    assert search(url, query, retrievers=["keyword"])["retrievers"]["keyword"]["cached"] is True
+    new_doc = {"_id": "new-quokkaflux", "title": "", "text": "Quokkaflux labelling of stem cells in vivo."}
     with corpus.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(new_doc) + "\n")
     serve.delete("cached")
     deploy(redis_server.url, corpus, out)  # the re-ingest swaps the index in; new replicas load it
-    after = search(url, query)
+    after = search(url, query, retrievers=["keyword"])
     assert after["retrievers"]["keyword"]["cache"] == "miss"  # a new fingerprint: the old entries are never read
-    assert "new-zebrafish" not in {r["id"] for r in before["results"]}
-    assert after["results"][0]["id"] == "new-zebrafish"
+    assert "new-quokkaflux" not in {r["id"] for r in before["results"]}
+    assert after["results"][0]["id"] == "new-quokkaflux"
 
 
 def test_redis_killed_under_traffic_loses_no_request_and_comes_back(cached_url, redis_server):

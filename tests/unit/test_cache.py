@@ -5,7 +5,9 @@ The real Redis, killed and restarted under traffic, is in tests/integration/test
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from pathlib import Path
 
 import fakeredis
 import pytest
@@ -99,7 +101,8 @@ async def test_a_dead_redis_is_a_bypass_logged_once_and_the_breaker_stops_asking
 
 async def test_redis_back_after_the_cooldown_is_used_again(caplog):
     clock = Clock()
-    cache = RedisCache("redis://fake", client=DownRedis(), breaker=CircuitBreaker(failures=1, cooldown_s=5, clock=clock))
+    breaker = CircuitBreaker(failures=1, cooldown_s=5, clock=clock)
+    cache = RedisCache("redis://fake", client=DownRedis(), breaker=breaker)
     assert await cache.get_many(["k"]) is None
     cache._redis = fakeredis.FakeAsyncRedis()  # Redis is back
     assert await cache.get_many(["k"]) is None  # still inside the cooldown: not asked
@@ -113,3 +116,110 @@ async def test_redis_back_after_the_cooldown_is_used_again(caplog):
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
         MemoryCache(max_entries=0)
+
+
+# -- through the gateway's lanes, on fake handles -------------------------------------------------
+class Replica:
+    """A replica stand-in over the synthetic retriever that reports an index fingerprint and counts searches."""
+
+    def __init__(self, retriever, fingerprint: str = "index-v1") -> None:
+        self.retriever = retriever
+        self.fingerprint = fingerprint
+        self.searched: list[str] = []
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+        self.fail = False
+
+    async def search(self, queries):
+        self.searched += [q.text for q in queries]
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise RuntimeError("index file is corrupt")
+        return self.retriever.search(queries)
+
+    def describe(self):
+        return {**self.retriever.describe(), "fingerprint": self.fingerprint}
+
+
+@pytest.fixture
+def cached_gateway(docs, embedder):
+    from actors.synthetic import SyntheticRetriever
+    from serve_app.config import parse_config
+    from serve_app.gateway import Gateway
+    from serve_app.testing import FakeHandle
+    from tests.unit.fakes import FakeEncoder
+
+    config = parse_config({"retrievers": [
+        {"name": "a", "kind": "synthetic", "data": "x.jsonl", "timeout_ms": 2000},
+        {"name": "d", "kind": "dense", "data": "x.jsonl", "timeout_ms": 2000},
+    ]}, base_dir=Path("."))
+    replicas = {name: Replica(SyntheticRetriever(name=name, documents=docs)) for name in ("a", "d")}
+    encoder = FakeHandle(FakeEncoder(embedder))
+    gateway = Gateway(config, {n: [FakeHandle(r)] for n, r in replicas.items()}, {"default": encoder})
+    return gateway, replicas, encoder
+
+
+def states(response) -> dict[str, tuple]:
+    return {n: (s.cache, s.cached) for n, s in response.retrievers.items()}
+
+
+async def test_a_repeated_query_is_answered_from_the_cache_without_the_encoder_or_the_retrievers(cached_gateway):
+    gateway, replicas, encoder = cached_gateway
+    first = await gateway.search({"query": "risk of cancers"})
+    assert states(first) == {"a": ("miss", False), "d": ("miss", False)}
+    again = await gateway.search({"query": "risk  of cancers "})
+    assert states(again) == {"a": ("hit", True), "d": ("hit", True)}
+    assert again.results == first.results
+    assert [r.searched for r in replicas.values()] == [["risk of cancers"]] * 2  # searched once each
+    assert [m for m, _ in encoder.calls] == ["encode"]  # and encoded once: the hit needs no vector
+    off = await gateway.search({"query": "risk of cancers", "cache": False})
+    assert states(off) == {"a": ("off", False), "d": ("off", False)} and len(replicas["a"].searched) == 2
+
+
+async def test_concurrent_identical_misses_share_one_retrieval(cached_gateway):
+    gateway, replicas, _ = cached_gateway
+    replicas["a"].gate = asyncio.Event()
+    first = asyncio.ensure_future(gateway.search({"query": "aspirin", "retrievers": ["a"]}))
+    await replicas["a"].entered.wait()  # the first is at the retriever
+    second = asyncio.ensure_future(gateway.search({"query": "aspirin", "retrievers": ["a"]}))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    replicas["a"].gate.set()
+    one, two = await first, await second
+    assert replicas["a"].searched == ["aspirin"]  # the second waited for the first's answer
+    assert one.results == two.results and states(two)["a"] == ("miss", False)
+
+
+async def test_failures_and_timeouts_are_never_cached(cached_gateway):
+    gateway, replicas, _ = cached_gateway
+    replicas["a"].fail = True
+    assert (await gateway.search({"query": "aspirin", "retrievers": ["a", "d"]})).retrievers["a"].status == "error"
+    replicas["a"].fail = False
+    assert states(await gateway.search({"query": "aspirin", "retrievers": ["a"]}))["a"] == ("miss", False)
+    replicas["a"].gate = asyncio.Event()  # hangs past the request's own deadline
+    late = await gateway.search({"query": "metformin", "retrievers": ["a", "d"], "timeout_ms": 20})
+    assert late.retrievers["a"].status == "timeout"
+    replicas["a"].gate.set()
+    assert states(await gateway.search({"query": "metformin", "retrievers": ["a"]}))["a"] == ("miss", False)
+
+
+async def test_a_new_index_fingerprint_is_never_answered_from_the_old_one(cached_gateway, monkeypatch):
+    from serve_app import lanes
+
+    gateway, replicas, _ = cached_gateway
+    monkeypatch.setattr(lanes, "FINGERPRINT_TTL_S", 0.0)  # ask the replicas every time
+    await gateway.search({"query": "aspirin", "retrievers": ["a"]})
+    assert states(await gateway.search({"query": "aspirin", "retrievers": ["a"]}))["a"] == ("hit", True)
+    replicas["a"].fingerprint = "index-v2"  # a re-ingest, redeployed
+    assert states(await gateway.search({"query": "aspirin", "retrievers": ["a"]}))["a"] == ("miss", False)
+
+
+async def test_a_dead_redis_serves_every_search_uncached(cached_gateway):
+    gateway, replicas, _ = cached_gateway
+    down = RedisCache("redis://localhost:6390", client=DownRedis())
+    for lane in gateway.lanes.values():
+        lane.cache = down
+    r = await gateway.search({"query": "aspirin"})
+    assert r.results and states(r) == {"a": ("bypass", False), "d": ("bypass", False)}
