@@ -19,6 +19,7 @@ from actors.encoder import encoder_name
 from actors.errors import InvalidRequest, NoRetrieverAvailable, PayloadTooLarge, RagError
 from serve_app.batcher import now
 from serve_app.breaker import CircuitBreaker
+from serve_app.cache import make_cache
 from serve_app.config import AppConfig
 from serve_app.fanout import Outcome
 from serve_app.fusion import fuse
@@ -124,6 +125,7 @@ class Gateway:
         """`retrievers`: per retriever, its handle, or one per shard; `encoders`: per model, its handle."""
         self.config = config
         self.weights = {r.name: r.weight for r in config.retrievers}
+        self.cache = make_cache(config.cache)  # one per gateway replica; its lanes share it
         enc = config.encoder
         self.encoders = {
             model: EncoderLane(model, handle, max_batch_size=enc.batch.max_batch_size,
@@ -146,6 +148,7 @@ class Gateway:
                 },
                 encoder=self.encoders.get(r.encoder_model) if r.encoder_model else None,
                 vector_optional=r.kind == "graph",
+                cache=self.cache,
             )
             for r in config.retrievers
         }
