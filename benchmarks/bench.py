@@ -24,8 +24,10 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import os
 import platform
+import random
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -61,6 +63,7 @@ SEED_QUERIES = [
 ]
 PROFILED_CONCURRENCY = 32  # the ragfan-handle run that `--pyspy` records (else the highest)
 BATCH_REPORT_CONCURRENCIES = (8, 32)
+BATCH_SIZE, BATCH_CLIENTS = 32, 4  # ragfan-batch: four clients, each sending 32 queries a request
 
 Call = Callable[[str], Awaitable[Any]]
 
@@ -77,15 +80,17 @@ def demo_queries() -> list[str]:
 
 
 async def closed_loop(call: Call, queries: Sequence[str], concurrency: int,
-                      duration_s: float) -> tuple[list[float], float]:
+                      duration_s: float, *, once: bool = False) -> tuple[list[float], float]:
+    """`concurrency` clients calling back to back for `duration_s`, cycling through `queries`; with
+    `once`, until each query was asked once, however long that takes."""
     latencies: list[float] = []
-    stream = itertools.cycle(queries)
-    end = time.perf_counter() + duration_s
+    stream = iter(queries) if once else itertools.cycle(queries)
+    end = math.inf if once else time.perf_counter() + duration_s
 
     async def client() -> None:
-        while time.perf_counter() < end:
+        while time.perf_counter() < end and (q := next(stream, None)) is not None:
             started = time.perf_counter()
-            await call(next(stream))
+            await call(q)
             latencies.append((time.perf_counter() - started) * 1000)
 
     started = time.perf_counter()
@@ -153,22 +158,50 @@ class ServedProbe:
 
 # -- measuring ----------------------------------------------------------------------------------
 async def measure_async(system: str, concurrency: int, call: Call, queries: Sequence[str], duration_s: float,
-                        *, warmup: int = 3, probe: ServedProbe | None = None) -> dict[str, Any]:
+                        *, warmup: int = 3, probe: ServedProbe | None = None, once: bool = False) -> dict[str, Any]:
     for q in queries[:warmup]:
         await call(q)
     if probe is not None:
         await probe.start()
     cpu0 = resources.cpu_seconds()
     with resources.PeakRSS() as rss:
-        latencies, elapsed = await closed_loop(call, queries, concurrency, duration_s)
+        latencies, elapsed = await closed_loop(call, queries, concurrency, duration_s, once=once)
     cpu = resources.cpu_seconds() - cpu0
     extra = await probe.stop(len(latencies)) if probe is not None else {}
     return row(system, concurrency, latencies, elapsed, cpu, rss.peak_mb) | extra
 
 
 def measure(system: str, concurrency: int, call: Call, queries: Sequence[str], duration_s: float,
-            warmup: int = 3, probe: ServedProbe | None = None) -> dict[str, Any]:
-    return asyncio.run(measure_async(system, concurrency, call, queries, duration_s, warmup=warmup, probe=probe))
+            warmup: int = 3, probe: ServedProbe | None = None, once: bool = False) -> dict[str, Any]:
+    return asyncio.run(measure_async(system, concurrency, call, queries, duration_s, warmup=warmup, probe=probe,
+                                     once=once))
+
+
+def per_query(run: dict[str, Any]) -> dict[str, Any]:
+    """A run of batch requests counted in queries: its QPS compares with compute-limit's."""
+    return run | {"requests": run["requests"] * BATCH_SIZE, "qps": round(run["qps"] * BATCH_SIZE, 2),
+                  "cpu_s_per_query": round(run["cpu_s_per_query"] / BATCH_SIZE, 4), "queries_per_request": BATCH_SIZE}
+
+
+def zipf_stream(queries: Sequence[str], *, repeat: float, length: int, seed: int = 0) -> list[str]:
+    """A stream in which a share `repeat` of queries were asked before, popular ones most (Zipf, s = 1),
+    and the rest are new: how a RAG backend sees retries, popular questions and rephrasings. Once the
+    queries run out, new ones are the same texts with a round number added ("... (2)"), still new
+    to a cache."""
+    rng = random.Random(seed)
+    fresh = (q if n == 1 else f"{q} ({n})" for n in itertools.count(1) for q in queries)
+    seen: list[str] = []
+    weights: list[float] = []
+    stream = []
+    for _ in range(length):
+        if seen and rng.random() < repeat:
+            new = rng.choices(seen, weights)[0]
+        else:
+            new = next(fresh)
+            seen.append(new)
+            weights.append(1 / len(seen))
+        stream.append(new)
+    return stream
 
 
 def row(system, concurrency, latencies, elapsed, cpu, peak_mb) -> dict[str, Any]:
@@ -254,9 +287,14 @@ def _app_config(profile: str, artifacts: Path | None, batch: int) -> dict[str, A
     }
 
 
-def served_config(profile: str, artifacts: Path | None, batch: int, encoder: str = "shared") -> AppConfig:
-    """`encoder`: where the served dense and graph retrievers encode queries, `shared` or `local`."""
-    raw = _app_config(profile, artifacts, batch)
+def served_config(profile: str, artifacts: Path | None, batch: int, encoder: str = "shared", *,
+                  cache: bool = False) -> AppConfig:
+    """`encoder`: where the served dense and graph retrievers encode queries, `shared` or `local`.
+
+    Without `cache` the result cache is off, so every served query is searched, as the in-process
+    systems search it; only the `ragfan-cached` runs turn it on (the embedded default's memory cache).
+    """
+    raw = _app_config(profile, artifacts, batch) | ({} if cache else {"cache": None})
     for r in raw["retrievers"]:
         if r["kind"] in ("dense", "graph"):
             r["encoder"] = encoder
@@ -276,7 +314,7 @@ class ServedRuns:
         self.extra: dict[str, Any] = {}  # report fields besides the runs: RSS at rest, the py-spy profile
 
     def run(self, config: AppConfig, names: Sequence[str], concurrencies: Sequence[int], *,
-            batch1_config: AppConfig | None = None) -> None:
+            batch1_config: AppConfig | None = None, cached_config: AppConfig | None = None) -> None:
         from ray import serve
 
         handle, client = self._start(config)
@@ -288,6 +326,9 @@ class ServedRuns:
         for name in names:
             self._measure(f"single:{name}", 1, lambda q, n=name: client.search_async(q, top_k=TOP_K, retrievers=[n]),
                           probe)
+        self._batch_runs(client, probe)
+        if cached_config is not None:
+            self._cache_runs(cached_config, client)
         if batch1_config is not None:
             handle, client = self._start(batch1_config)
             self._measure("ragfan-handle-batch1", 32, lambda q: client.search_async(q, top_k=TOP_K),
@@ -318,6 +359,58 @@ class ServedRuns:
     def _measure(self, system: str, c: int, call: Call, probe: ServedProbe) -> None:
         self.bar.set_description(f"{system} c={c}")
         self.runs.append(measure(system, c, call, self.queries, self.duration_s, probe=probe))
+        self.bar.update(1)
+
+    def _batch_runs(self, client: Any, probe: ServedProbe) -> None:
+        """`ragfan-batch`: BATCH_CLIENTS closed-loop clients, each sending BATCH_SIZE queries a request,
+        through the handle and over HTTP. Its QPS counts queries, so it compares with compute-limit."""
+        import httpx
+
+        url = f"http://127.0.0.1:{self.port}/bench/v1/search/batch"
+        stream = itertools.cycle(self.queries)
+
+        def take() -> list[str]:
+            return [next(stream) for _ in range(BATCH_SIZE)]
+
+        async def by_handle(_: str) -> None:
+            await client.search_batch_async(take(), top_k=TOP_K)
+
+        async def over_http() -> dict[str, Any]:
+            limits = httpx.Limits(max_connections=BATCH_CLIENTS, max_keepalive_connections=BATCH_CLIENTS)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+                async def call(_: str) -> None:
+                    r = await http.post(url, json={"searches": [{"query": q, "top_k": TOP_K} for q in take()]})
+                    r.raise_for_status()
+
+                return await measure_async("ragfan-batch-http", BATCH_CLIENTS, call, self.queries, self.duration_s,
+                                           probe=probe)
+
+        self.bar.set_description("ragfan-batch")
+        self.runs.append(per_query(measure("ragfan-batch", BATCH_CLIENTS, by_handle, self.queries, self.duration_s,
+                                           probe=probe)))
+        self.runs.append(per_query(asyncio.run(over_http())))
+        self.bar.update(1)
+
+    def _cache_runs(self, config: AppConfig, uncached: Any) -> None:
+        """A Zipf-like workload in which 80% of queries repeat, on the app without and with the result
+        cache (`ragfan-zipf-uncached`, `ragfan-cached`, c=32); and at c=1, each query of a fresh set
+        asked twice on the cached app: a miss, then a hit (`ragfan-cache-miss`, `ragfan-cache-hit`)."""
+        from ray import serve
+
+        stream = zipf_stream(self.queries, repeat=0.8, length=20_000)
+        self.bar.set_description("ragfan-zipf-uncached")
+        self.runs.append(measure("ragfan-zipf-uncached", 32, lambda q: uncached.search_async(q, top_k=TOP_K),
+                                 stream, self.duration_s))
+        serve.delete("ragfan-bench")
+        _, cached = self._start(config)
+        self.bar.set_description("ragfan-cached")
+        self.runs.append(measure("ragfan-cached", 32, lambda q: cached.search_async(q, top_k=TOP_K), stream,
+                                 self.duration_s))
+        fresh = [f"{q} (c=1 cache run)" for q in self.queries[:100]]  # asked by no run before
+        for system in ("ragfan-cache-miss", "ragfan-cache-hit"):
+            self.bar.set_description(system)
+            self.runs.append(measure(system, 1, lambda q: cached.search_async(q, top_k=TOP_K), fresh,
+                                     self.duration_s, warmup=0, once=True))
         self.bar.update(1)
 
     def _handle_runs(self, client: Any, probe: ServedProbe, concurrencies: Sequence[int]) -> None:
@@ -381,6 +474,7 @@ class Workload(NamedTuple):
     queries: list[str]
     config: AppConfig  # the served app
     batch1_config: AppConfig | None  # the same app with batch size 1, where the bench compares the two
+    cached_config: AppConfig | None = None  # the same app with the result cache on (ragfan-cached)
 
 
 def workload(profile: str | None, dataset: str | None, encoder: str = "shared") -> Workload:
@@ -390,7 +484,8 @@ def workload(profile: str | None, dataset: str | None, encoder: str = "shared") 
     if profile == "seed":
         return Workload(seed_retrievers(DEMO_CORPUS), SEED_QUERIES, served_config("seed", None, 32, encoder), None)
     if profile == "demo":
-        return Workload(demo_retrievers(load_config()), demo_queries(), served_config("demo", None, 32, encoder), None)
+        return Workload(demo_retrievers(load_config()), demo_queries(), served_config("demo", None, 32, encoder), None,
+                        served_config("demo", None, 32, encoder, cache=True))
     import ray
 
     from actors.index import default_cache_dir
@@ -403,7 +498,8 @@ def workload(profile: str | None, dataset: str | None, encoder: str = "shared") 
     ingest(path / "corpus.jsonl", artifacts, kinds=("dense", "keyword"))  # reuses what eval built
     ray.shutdown()  # ingest may have started Ray; the in-process systems run without it
     return Workload(dataset_retrievers(artifacts), list(queries_by_id.values()),
-                    served_config("dataset", artifacts, 32, encoder), served_config("dataset", artifacts, 1, encoder))
+                    served_config("dataset", artifacts, 32, encoder), served_config("dataset", artifacts, 1, encoder),
+                    served_config("dataset", artifacts, 32, encoder, cache=True))
 
 
 def run_bench(*, profile: str | None, dataset: str | None, concurrencies: Sequence[int], duration_s: float,
@@ -417,7 +513,8 @@ def run_bench(*, profile: str | None, dataset: str | None, concurrencies: Sequen
         py_spy()  # before minutes of work, not after
     work = workload(profile, dataset, encoder)
     names = list(work.retrievers)
-    total = 4 * len(concurrencies) + 1 + len(names) + (work.batch1_config is not None)
+    extra_apps = (work.batch1_config is not None) + (work.cached_config is not None)
+    total = 4 * len(concurrencies) + 2 + len(names) + extra_apps
     with tqdm(total=total, desc="bench", unit="run") as bar:
         runs = _in_process_runs(work.retrievers, work.queries, concurrencies, duration_s, bar)
         work.retrievers.clear()  # let the in-process indexes go before the served app loads its own
@@ -426,7 +523,8 @@ def run_bench(*, profile: str | None, dataset: str | None, concurrencies: Sequen
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         served = ServedRuns(work.queries, duration_s, port, bar, pyspy_s=pyspy_s)
         try:
-            served.run(work.config, names, concurrencies, batch1_config=work.batch1_config)
+            served.run(work.config, names, concurrencies, batch1_config=work.batch1_config,
+                       cached_config=work.cached_config)
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -516,6 +614,7 @@ def targets(report: dict[str, Any]) -> list[str]:
     else:
         lines = _c32_targets(report, demo=kind == "demo") + _c1_targets(report)
         lines += _rss_target(report) if kind == "demo" else _batching_targets(report)
+        lines += _batch_and_cache_targets(report)
     return ["targets:", *lines] if lines else ["targets: none measured at these concurrencies"]
 
 
@@ -582,6 +681,31 @@ def _batching_targets(report) -> list[str]:
         lines.append(_line("c=32 ragfan-handle p99 <= 3x p50", f"{ratio:.2f}x", ratio <= 3))
     if h32 and b1:
         lines.append(f"  dynamic batching at c=32: {h32['qps'] / b1['qps']:.2f}x the QPS of batch size 1")
+    return lines
+
+
+def _batch_and_cache_targets(report) -> list[str]:
+    """Issue 12's: batch requests against compute-limit; the result cache, hit against miss and on a
+    workload in which 80% of queries repeat."""
+    lines = []
+    limit = next((r for r in report["runs"] if r["system"] == "compute-limit"), None)
+    for system, label, must, aim in (("ragfan-batch", "ragfan-batch (handle)", 0.70, 0.85),
+                                     ("ragfan-batch-http", "ragfan-batch over HTTP", 0.50, 0.70)):
+        run = _get(report, system, BATCH_CLIENTS)
+        if run and limit:
+            share = run["qps"] / limit["qps"]
+            lines.append(_line(f"{label} QPS >= {must:.0%} of compute-limit (aim {aim:.0%})",
+                               f"{share:.0%} ({run['qps']} vs {limit['qps']} QPS)", share >= must, share >= aim))
+    hit, miss = _get(report, "ragfan-cache-hit", 1), _get(report, "ragfan-cache-miss", 1)
+    if hit and miss:
+        ratio = hit["p50_ms"] / miss["p50_ms"]
+        lines.append(_line("c=1 cache hit p50 <= 0.2x miss p50 (aim 0.1x)",
+                           f"{ratio:.2f}x ({hit['p50_ms']} vs {miss['p50_ms']} ms)", ratio <= 0.2, ratio <= 0.1))
+    cached, uncached = _get(report, "ragfan-cached", 32), _get(report, "ragfan-zipf-uncached", 32)
+    if cached and uncached:
+        ratio = cached["qps"] / uncached["qps"]
+        lines.append(_line("c=32 ragfan-cached QPS >= 3x uncached, 80% repeats (aim 4x)",
+                           f"{ratio:.2f}x ({cached['qps']} vs {uncached['qps']} QPS)", ratio >= 3, ratio >= 4))
     return lines
 
 

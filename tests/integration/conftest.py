@@ -86,6 +86,7 @@ def faults_url(cluster) -> str:
     config = parse_config(
         {
             "app_name": "faults",
+            "cache": None,  # every search reaches the retrievers: these apps test what they do
             "gateway": {"ray_actor_options": {"num_cpus": 0.1}},
             "retrievers": [
                 *(synthetic(f"slow{i}", delay_ms=200) for i in range(1, 5)),
@@ -171,6 +172,7 @@ def guard_url(cluster, broken_index, tmp_path_factory) -> str:
     config = parse_config(
         {
             "app_name": "guard",
+            "cache": None,  # every search reaches the retrievers: these apps test what they do
             "gateway": {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 2, "api_keys_file": str(keys)},
             "retrievers": [
                 synthetic("steady", delay_ms=20),
@@ -191,6 +193,7 @@ def tight_url(cluster) -> str:
     config = parse_config(
         {
             "app_name": "tight",
+            "cache": None,  # every search reaches the retrievers: these apps test what they do
             "gateway": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 2, "max_queued_requests": 2,
                         "retry_after_s": 2},
             "retrievers": [
@@ -209,6 +212,7 @@ def elastic_url(cluster) -> str:
     config = parse_config(
         {
             "app_name": "elastic",
+            "cache": None,  # every search reaches the retrievers: these apps test what they do
             "gateway": {"ray_actor_options": {"num_cpus": 0.1}},
             "retrievers": [
                 synthetic(
@@ -236,6 +240,7 @@ def sharded_url(cluster, tmp_path_factory) -> str:
     config = parse_config(
         {
             "app_name": "sharded",
+            "cache": None,  # every search reaches the retrievers: these apps test what they do
             "cache_dir": str(tmp_path_factory.mktemp("shard-cache")),
             "gateway": {"ray_actor_options": {"num_cpus": 0.1}},
             "retrievers": [{"name": "whole", **dense}, {"name": "split", "shards": 2, **dense}],

@@ -152,7 +152,8 @@ def test_killing_a_retrievers_replicas_during_traffic_loses_no_request(base_url,
         with httpx.Client(timeout=30) as c:
             while not stop.is_set():
                 number = next(sent) if killed.is_set() else -1  # numbered once the kill is done
-                r = c.post(f"{base_url}/v1/search", json={"query": "insulin resistance and obesity", "top_k": 5})
+                r = c.post(f"{base_url}/v1/search", json={"query": "insulin resistance and obesity", "top_k": 5,
+                                                         "cache": False})  # reach the retriever
                 codes.append(r.status_code)
                 if r.status_code == 200:
                     keyword.append((number, r.json()["retrievers"]["keyword"]["status"]))
@@ -188,7 +189,7 @@ def test_killing_a_retrievers_replicas_during_traffic_loses_no_request(base_url,
 
 
 def test_killing_the_encoder_degrades_the_dense_retrievers_while_keyword_and_graph_answer(base_url, http):
-    query = {"query": "vitamin D and multiple sclerosis", "top_k": 5}
+    query = {"query": "vitamin D and multiple sclerosis", "top_k": 5, "cache": False}  # reach the retrievers
     before = http.post(f"{base_url}/v1/search", json=query).json()
     assert {n: s["status"] for n, s in before["retrievers"].items()} == dict.fromkeys(before["retrievers"], "ok")
     victims = replica_actors("ragfan", "encoder")

@@ -29,7 +29,7 @@ from tests.integration.conftest import API_KEY
 EXAMPLES = 200
 SEED = int(os.environ.get("RAGFAN_FUZZ_SEED") or random.randrange(2**31))
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
-ROUTES = {("/v1/search", "post"), ("/v1/retrievers", "get"), ("/healthz", "get")}
+ROUTES = {("/v1/search", "post"), ("/v1/search/batch", "post"), ("/v1/retrievers", "get"), ("/healthz", "get")}
 
 
 def fuzz(url: str, tmp_path: Path, *args: str, config: str | None = None) -> None:

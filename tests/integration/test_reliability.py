@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -73,6 +74,7 @@ def cooling_url(cluster) -> str:
     config = parse_config(
         {
             "app_name": "cooling",
+            "cache": None,  # every search reaches the retrievers
             "gateway": {"ray_actor_options": {"num_cpus": 0.1}},
             "retrievers": [synthetic("broken", fail="always", circuit_breaker={"failures": 1, "cooldown_s": 4.0})],
         },
@@ -274,6 +276,15 @@ def test_api_keys_are_required_compared_and_never_logged(guard_url, http):
                 assert API_KEY.encode() not in fh.read(), path
 
 
+@contextmanager
+def _stopping(stop: threading.Event):
+    """Set `stop` however the block ends, so that a failed check never leaves client threads looping."""
+    try:
+        yield
+    finally:
+        stop.set()
+
+
 # -- replicas killed under load --------------------------------------------------------------
 def test_killing_retriever_and_gateway_replicas_under_load_loses_no_request(guard_url):
     """Two HTTP clients (RagClient(url=...)), two handle clients (RagClient on the app's handle), and
@@ -320,7 +331,7 @@ def test_killing_retriever_and_gateway_replicas_under_load_loses_no_request(guar
                 except httpx.TransportError as exc:
                     raw.append(type(exc).__name__)
 
-    with ThreadPoolExecutor(5) as pool:
+    with ThreadPoolExecutor(5) as pool, _stopping(stop):
         futures = [pool.submit(client_loop, kind) for kind in ("http", "http", "handle", "handle")]
         futures.append(pool.submit(raw_loop))
         time.sleep(2)

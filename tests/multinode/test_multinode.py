@@ -47,6 +47,7 @@ def multinode():
     config = parse_config(
         {
             "app_name": "multi",
+            "cache": None,  # every search reaches the retrievers: the test is about where they run
             "gateway": {"ray_actor_options": {"num_cpus": 0.1, "resources": {"head": 0.1}}},
             "retrievers": [
                 {"name": "near", **retriever, "ray_actor_options": {"num_cpus": 0.1, "resources": {"dense": 1}}},

@@ -143,7 +143,8 @@ def test_over_http_a_mixed_batch_is_200_item_by_item_and_the_schema_states_the_i
         assert set(body["responses"][1]) >= {"status", "error"} and "detail" in body["responses"][1]["error"]
         schema = http.get("/openapi.json").json()["components"]["schemas"]
     searches_schema = schema["BatchSearchRequest"]["properties"]["searches"]
-    assert searches_schema["items"] == {"$ref": "#/components/schemas/SearchRequest"}
+    # any value: a bad search is answered 422 in its place, so the schema must not refuse the batch for it
+    assert "$ref" not in searches_schema["items"] and "SearchRequest" in searches_schema["items"]["description"]
     assert searches_schema["maxItems"] == 64
     items = schema["BatchSearchResponse"]["properties"]["responses"]["items"]
     assert set(items["discriminator"]["mapping"]) == {"200", "422", "503"}
