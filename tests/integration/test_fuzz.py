@@ -3,9 +3,10 @@
 Two live apps, each with `schemathesis run --checks all`, valid and invalid data, EXAMPLES cases per
 operation at the least:
 
-- the embedded default app (`ragfan`, five real retrievers): schemathesis's defaults, nothing
-  relaxed. Schema-valid requests must be answered (no 422 the schema does not predict), invalid ones
-  refused with a 4xx, nothing answers 5xx, and every answer conforms to the schema.
+- the embedded default app (`ragfan`, five real retrievers): schemathesis's defaults, but for 413
+  counting as a rejection of invalid data (more searches in a batch than `maxItems`). Schema-valid
+  requests must be answered (no 422 the schema does not predict), invalid ones refused with a 4xx,
+  nothing answers 5xx, and every answer conforms to the schema.
 - the `guard` app (API keys on, one retriever that failed to start): the same, and without a key
   everything but /healthz must be 401. A search that selects only the broken retriever is answered
   503 by design (documented, with Retry-After), so that status is expected there and only there.
@@ -29,11 +30,16 @@ from tests.integration.conftest import API_KEY
 EXAMPLES = 200
 SEED = int(os.environ.get("RAGFAN_FUZZ_SEED") or random.randrange(2**31))
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
+# schemathesis's own list of statuses that reject invalid data, plus 413: a batch over
+# gateway.max_batch_searches (the schema's maxItems) is refused as too large, as the API promises.
+REJECTED = '[checks.negative_data_rejection]\nexpected-statuses = ["400", "401", "403", "404", "405", "406", ' \
+    '"409", "413", "415", "422", "428", "429", "5xx"]\n'
+
 ROUTES = {("/v1/search", "post"), ("/v1/search/batch", "post"), ("/v1/retrievers", "get"), ("/healthz", "get")}
 
 
 def fuzz(url: str, tmp_path: Path, *args: str, config: str | None = None) -> None:
-    (tmp_path / "schemathesis.toml").write_text(config or "")
+    (tmp_path / "schemathesis.toml").write_text(REJECTED + (config or ""))
     command = [str(SCHEMATHESIS), "--config-file", str(tmp_path / "schemathesis.toml"), "run", f"{url}/openapi.json",
                "--url", url, "--checks", "all", "--max-examples", str(EXAMPLES), "--seed", str(SEED),
                "--request-timeout", "60", *args]
