@@ -168,11 +168,8 @@ class RagClient:
         its fields, says everything itself. At most `gateway.max_batch_searches` (64 by default)
         in one call: more raise PayloadTooLarge. Raises as `search` does for what fails them all.
         """
-        requests = _requests(searches, top_k, retrievers, filters, timeout_ms, fusion)
-        sent = [r for r in requests if isinstance(r, SearchRequest)]
-        if not sent:
-            return [r for r in requests if isinstance(r, RagError)]  # every one is invalid: nothing to send
-        return _results(requests, self._call("search_batch", BatchSearchRequest(searches=sent), BatchSearchResponse))
+        requests, batch = _batch(searches, top_k, retrievers, filters, timeout_ms, fusion)
+        return _results(requests, self._call("search_batch", batch, BatchSearchResponse) if batch else None)
 
     async def search_batch_async(
         self,
@@ -185,12 +182,8 @@ class RagClient:
         fusion: FusionOptions | dict[str, Any] | None = None,
     ) -> list[SearchResponse | RagError]:
         """`search_batch`, from async code."""
-        requests = _requests(searches, top_k, retrievers, filters, timeout_ms, fusion)
-        sent = [r for r in requests if isinstance(r, SearchRequest)]
-        if not sent:
-            return [r for r in requests if isinstance(r, RagError)]  # every one is invalid: nothing to send
-        batch = BatchSearchRequest(searches=sent)
-        return _results(requests, await self._call_async("search_batch", batch, BatchSearchResponse))
+        requests, batch = _batch(searches, top_k, retrievers, filters, timeout_ms, fusion)
+        return _results(requests, await self._call_async("search_batch", batch, BatchSearchResponse) if batch else None)
 
     def _call(self, method: str, body: BaseModel, model: type[M]) -> M:
         outcome = self._transport.send(method, body)
@@ -241,6 +234,14 @@ def _request(query, top_k, retrievers, filters, timeout_ms, fusion, include) -> 
         raise InvalidRequest.from_validation(list(exc.errors())) from None
 
 
+def _batch(searches, top_k, retrievers, filters, timeout_ms, fusion
+           ) -> tuple[list[SearchRequest | RagError], BatchSearchRequest | None]:
+    """Each search checked, and the batch of the valid ones to send; None when none is valid."""
+    requests = _requests(searches, top_k, retrievers, filters, timeout_ms, fusion)
+    sent = [r for r in requests if isinstance(r, SearchRequest)]
+    return requests, BatchSearchRequest(searches=sent) if sent else None
+
+
 def _requests(searches, top_k, retrievers, filters, timeout_ms, fusion) -> list[SearchRequest | RagError]:
     """Each search of a batch validated as `search` validates it, or its InvalidRequest."""
     checked: list[SearchRequest | RagError] = []
@@ -264,9 +265,10 @@ def _validated(fields: dict[str, Any]) -> SearchRequest:
         raise InvalidRequest.from_validation(list(exc.errors())) from None
 
 
-def _results(requests: list[SearchRequest | RagError], batch: BatchSearchResponse) -> list[SearchResponse | RagError]:
+def _results(requests: list[SearchRequest | RagError], batch: BatchSearchResponse | None
+             ) -> list[SearchResponse | RagError]:
     """The client's own InvalidRequests in their places, and the gateway's answers to the rest, typed."""
-    answers = iter(batch.responses)
+    answers = iter(batch.responses if batch is not None else ())
     results: list[SearchResponse | RagError] = []
     for request in requests:
         if isinstance(request, RagError):
