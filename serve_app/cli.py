@@ -371,10 +371,10 @@ def format_response(r: SearchResponse, width: int | None = None) -> str:
     if not r.results:
         lines.append("    (no results)")
     lines.append("")
-    lines.append(f"{'retriever':<12} {'status':<8} {'latency':>10} {'hits':>5}  error")
+    lines.append(f"{'retriever':<12} {'status':<8} {'latency':>10} {'hits':>5}  {'cache':<7} error")
     for name, s in r.retrievers.items():
         latency = f"{s.latency_ms:.1f} ms" if s.latency_ms is not None else "-"
-        lines.append(f"{name:<12} {s.status:<8} {latency:>10} {s.num_hits:>5}  {s.error or ''}")
+        lines.append(f"{name:<12} {s.status:<8} {latency:>10} {s.num_hits:>5}  {s.cache or '-':<7} {s.error or ''}")
     lines.append(f"\ndegraded: {'yes' if r.degraded else 'no'}   total: {r.latency_ms:.1f} ms")
     return "\n".join(lines)
 
