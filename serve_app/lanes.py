@@ -221,32 +221,30 @@ class RetrieverLane:
         todo = [i for i, o in enumerate(outcomes) if o is None]
         # an identical query already on its way to the retriever: wait for its answer instead
         waiting = {i: self._filling[k] for i in todo if (k := keys[i]) is not None and k in self._filling}
-        send = [i for i in todo if i not in waiting]
-        if send:
-            for i, outcome in zip(send, await self._fetch([asks[i] for i in send], vectors, started, limits, send),
-                                  strict=True):
-                outcomes[i] = outcome
+
+        async def fetch(indexes: list[int]) -> None:
+            if indexes:
+                got = await self._fetch([asks[i] for i in indexes], [keys[i] for i in indexes], vectors, started,
+                                        [limits[i] for i in indexes])
+                for i, outcome in zip(indexes, got, strict=True):
+                    outcomes[i] = outcome
+
+        await fetch([i for i in todo if i not in waiting])
         for i, future in waiting.items():
             outcomes[i] = await self._shared(future, started + limits[i], limits[i], elapsed)
-        again = [i for i in waiting if outcomes[i] is None]  # the identical query in flight did not complete
-        if again:
-            for i, outcome in zip(again, await self._fetch([asks[i] for i in again], vectors, started, limits, again),
-                                  strict=True):
-                outcomes[i] = outcome
+        await fetch([i for i in waiting if outcomes[i] is None])  # the identical query in flight did not complete
         answered = [o for o in outcomes if o is not None]
         assert len(answered) == len(asks)  # every ask has its outcome now
         return [replace(o, cache=states[i]) if i in todo else o for i, o in enumerate(answered)]
 
-    async def _fetch(self, asks: Sequence[Ask], vectors: Awaitable[Any] | None, started: float,
-                     limits: Sequence[float], indexes: Sequence[int]) -> list[Outcome]:
-        """Ask the retriever for `asks` in one call; complete answers go into the cache."""
-        limits = [limits[i] for i in indexes]
+    async def _fetch(self, asks: Sequence[Ask], keys: Sequence[str | None], vectors: Awaitable[Any] | None,
+                     started: float, limits: Sequence[float]) -> list[Outcome]:
+        """Ask the retriever for `asks` in one call; complete answers go into the cache under `keys`."""
         deadline = started + max(limits)
 
         def elapsed() -> float:
             return round((now() - started) * 1000, 2)
 
-        keys = [self._key(a) for a in asks]
         filling = {key: asyncio.get_running_loop().create_future() for key in keys if key and key not in self._filling}
         self._filling.update(filling)
         try:
