@@ -65,3 +65,13 @@ class FakeEncoder:
         if self.fail is not None:
             raise self.fail
         return self.embedder.encode(texts)
+
+
+class Clock:
+    """A clock a test moves by hand (`clock.now = 5.0`), for code that takes `clock=`."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -6,18 +6,11 @@ import pytest
 from actors.errors import ConfigError
 from serve_app import http as guard
 from serve_app.breaker import CircuitBreaker
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.fakes import Clock
 
 
 def test_breaker_opens_after_n_failures_and_closes_after_a_good_probe():
-    clock = Clock()
+    clock = Clock(100.0)
     b = CircuitBreaker(failures=3, cooldown_s=5, clock=clock)
     for _ in range(2):
         assert b.allow()
@@ -37,7 +30,7 @@ def test_breaker_opens_after_n_failures_and_closes_after_a_good_probe():
 
 
 def test_a_failed_probe_reopens_and_a_cancelled_one_frees_the_slot():
-    clock = Clock()
+    clock = Clock(100.0)
     b = CircuitBreaker(failures=1, cooldown_s=2, clock=clock)
     b.allow()
     b.record(False)

@@ -15,16 +15,9 @@ import pytest
 from actors.types import Hit
 from serve_app.breaker import CircuitBreaker
 from serve_app.cache import MemoryCache, RedisCache, cache_key, decode_hits, encode_hits
+from tests.unit.fakes import Clock
 
 HITS = [Hit("d1", 0.9, "Vitamin D deficiency", {"domain": "neuro"}), Hit("d2", 0.5, "p53 — mutated", {})]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_keys_normalise_the_query_and_name_everything_that_changes_the_answer():
