@@ -287,3 +287,52 @@ def test_table_shows_cpu_by_role_batch_sizes_and_rss_at_rest():
     assert lines.count("batch sizes, ragfan-handle c=8: lane, mean, batches by size") == 1
     assert "  dense                            5.20   1:2 8-15:3" in lines
     assert "RSS at rest after start: 2,500 MB (dense 1,500, driver 1,000)" in lines
+
+
+# -- issue 12's rows: batch requests and the result cache ------------------------------------------
+def test_batch_and_cache_targets_are_ratios_from_the_same_report():
+    report = {"dataset": "d", "runs": [
+        run("compute-limit", 256, None, 200), run("ragfan-batch", 4, 1000, 150), run("ragfan-batch-http", 4, 1000, 90),
+        run("ragfan-cache-miss", 1, 40, 25), run("ragfan-cache-hit", 1, 3, 300),
+        run("ragfan-zipf-uncached", 32, 400, 80), run("ragfan-cached", 32, 90, 200)]}
+    assert targets(report)[1:] == [
+        "  [met] ragfan-batch (handle) QPS >= 70% of compute-limit (aim 85%): 75% (150 vs 200 QPS) (aim missed)",
+        "  [MISSED] ragfan-batch over HTTP QPS >= 50% of compute-limit (aim 70%): 45% (90 vs 200 QPS) (aim missed)",
+        "  [met] c=1 cache hit p50 <= 0.2x miss p50 (aim 0.1x): 0.07x (3 vs 40 ms) (aim met)",
+        "  [MISSED] c=32 ragfan-cached QPS >= 3x uncached, 80% repeats (aim 4x): 2.50x (200 vs 80 QPS) (aim missed)",
+    ]
+
+
+def test_a_batch_run_is_counted_in_queries():
+    counted = bench_module.per_query(run("ragfan-batch", 4, 1000, 3.0) | {"cpu_s_per_query": 0.32})
+    assert (counted["requests"], counted["qps"], counted["cpu_s_per_query"]) == (320, 96.0, 0.01)
+    assert counted["queries_per_request"] == 32
+
+
+def test_the_zipf_stream_repeats_the_asked_share_popular_queries_most_and_is_reproducible():
+    queries = [f"q{i}" for i in range(50)]
+    stream = bench_module.zipf_stream(queries, repeat=0.8, length=5000)
+    seen, repeats = set(), 0
+    for q in stream:
+        repeats += q in seen
+        seen.add(q)
+    assert 0.78 < repeats / len(stream) < 0.82  # 80% asked before, though the 50 queries ran out long ago
+    assert stream.count("q0") > stream.count("q9") > 0  # earlier, more popular
+    assert "q3 (2)" in seen  # new ones after the queries ran out: the same texts, a round number added
+    assert stream == bench_module.zipf_stream(queries, repeat=0.8, length=5000)
+
+
+async def test_closed_loop_once_asks_each_query_exactly_once():
+    asked = []
+
+    async def call(q):
+        asked.append(q)
+        await asyncio.sleep(0)
+
+    latencies, _ = await closed_loop(call, ["a", "b", "c", "d", "e"], 3, 0.0, once=True)
+    assert sorted(asked) == ["a", "b", "c", "d", "e"] and len(latencies) == 5
+
+
+def test_served_rows_run_without_the_cache_and_the_cached_rows_with_it():
+    assert served_config("demo", None, 32).cache is None  # every query searched, as in-process
+    assert served_config("demo", None, 32, cache=True).cache.backend == "memory"
