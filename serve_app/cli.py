@@ -34,6 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     serve_p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     serve_p.add_argument("--address", help="join this Ray cluster (e.g. auto) instead of starting one")
+    serve_p.add_argument("--ray-dashboard", action="store_true",
+                         help="start Ray's dashboard too (port 8265, on --host): its Serve pages, actors and logs; "
+                              "off by default, it costs memory and CPU on a small machine (docs/BENCHMARKS.md)")
+    serve_p.add_argument("--metrics-port", type=int, metavar="N",
+                         help="the port where this node exports Ray's metrics for Prometheus (default: Ray picks one)")
 
     query_p = sub.add_parser("query", help="search a running service and print the fused results")
     query_p.add_argument("text", nargs="?", help="the query (or --file)")
@@ -134,10 +139,15 @@ def serve(args: argparse.Namespace) -> int:
         for d in deployments:
             for key, amount in (d.ray_actor_options.resources or {}).items():
                 custom[key] = custom.get(key, 0.0) + amount * d.most_replicas
+        metrics = {"_metrics_export_port": args.metrics_port} if args.metrics_port else {}
         with serve_env():
             ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), resources=custom or None,
-                     include_dashboard=False)
+                     include_dashboard=args.ray_dashboard, dashboard_host=args.host, **metrics)
     else:
+        if args.ray_dashboard or args.metrics_port:
+            raise RagError("--ray-dashboard and --metrics-port set up a cluster ragfan starts; with --address, "
+                           "set them where that cluster is started (`ray start --include-dashboard true "
+                           "--metrics-export-port N`)")
         ray.init(address=args.address)
     # What the index cache lacks is embedded now, on the cluster, with progress bars: replicas
     # then start from the cache, and the ones with a shared encoder never load a model.
@@ -167,6 +177,10 @@ def serve(args: argparse.Namespace) -> int:
               Python:    from serve_app.client import RagClient; RagClient().search("...")
             Ctrl-C stops the app{" and the Ray cluster it started" if own_cluster else ""}.
             """), flush=True)
+        if args.ray_dashboard:
+            print(f"ragfan: Ray's dashboard at http://{args.host}:8265 (Serve, actors, logs)")
+        if args.metrics_port:
+            print(f"ragfan: Ray's metrics for Prometheus at http://{args.host}:{args.metrics_port}/metrics")
         if api_keys:
             print(f"ragfan: API keys on ({len(api_keys)} key(s)): send 'Authorization: Bearer <key>'; /healthz is open")
         else:

@@ -79,3 +79,12 @@ def test_format_response_shows_results_and_statuses():
     }))
     assert "corpus#1" in text and "Vitamin D and MS" in text
     assert "timeout" in text and "degraded: yes" in text
+
+
+def test_serve_refuses_ray_options_for_a_cluster_it_does_not_start(capsys):
+    # free port: nothing listens on it; the refusal comes before ray.init, so no Ray starts
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", "--port", str(port), "--address", "auto", "--ray-dashboard"]) == 2
+    assert "set them where that cluster is started" in capsys.readouterr().err
