@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from actors.encoder import encoder_name
-from actors.errors import InvalidRequest, NoRetrieverAvailable, PayloadTooLarge, RagError
+from actors.errors import InvalidRequest, NoRetrieverAvailable, PayloadTooLarge, RagError, ServiceUnavailable
 from serve_app.batcher import now
 from serve_app.breaker import CircuitBreaker
 from serve_app.cache import make_cache
@@ -352,9 +352,8 @@ def _ok(response: SearchResponse) -> BatchSearchResult:
 
 def _failed(exc: RagError) -> BatchSearchError:
     """A search's error as a batch item: the body and Retry-After a single search would get."""
-    retry = exc.headers().get("Retry-After")
     return BatchSearchError(status=exc.status_code, error=ErrorResponse(detail=exc.detail()),
-                            retry_after_s=int(retry) if retry else None)
+                            retry_after_s=exc.retry_after_s if isinstance(exc, ServiceUnavailable) else None)
 
 
 def _status(o: Outcome) -> RetrieverStatus:
