@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: serve test unit integration lint clean redis
+.PHONY: serve test unit integration lint clean debs redis
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,22 +16,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# The result cache's integration tests run a real redis-server: Debian's package, installed once.
-redis:
-	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+# The integration tests run real servers from Debian's packages, installed once with apt when missing:
+# redis-server (the result cache), prometheus (ragfan's metrics) and chromium (the /dashboard page).
+DEBS := redis-server prometheus chromium
+debs:
+	@missing=$$(for deb in $(DEBS); do command -v $$deb >/dev/null || echo $$deb; done); \
+	[ -z "$$missing" ] || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $$missing; }
+
+redis: debs
 
 serve: $(STAMP)
 	$(BIN)/ragfan serve --port $(PORT)
 
 # The multinode tests start a Ray cluster of their own (ray.cluster_utils.Cluster): a second process.
-test: $(STAMP) redis
+test: $(STAMP) debs
 	$(BIN)/python -m pytest tests --ignore=tests/multinode
 	$(BIN)/python -m pytest tests/multinode
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
-integration: $(STAMP) redis
+integration: $(STAMP) debs
 	$(BIN)/python -m pytest tests/integration
 	$(BIN)/python -m pytest tests/multinode
 
