@@ -23,6 +23,7 @@ from ray import serve
 
 from actors.embedder import DEFAULT_MODEL, SentenceTransformerEmbedder, limit_threads, resolve_model
 from actors.errors import RetrieverFailed
+from actors.metrics import ray_instruments
 
 logger = logging.getLogger("ray.serve")
 # sentence-transformers sorts a call's texts by length and runs them in sub-batches of this size, so
@@ -61,6 +62,7 @@ class EncoderDeployment:
             # Stay up and say why: the dense retrievers answer `error` with this reason, the rest still answer.
             self.start_error = f"failed to start: {type(exc).__name__}: {exc}"[:500]
             logger.error("encoder for %s %s", model, self.start_error)
+        self.batch_size = ray_instruments(("ragfan_encoder_batch_size",))["ragfan_encoder_batch_size"]
         # Built per replica so that config sets the batching knobs.
         self._encode_batch = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)(
             self._run_batch
@@ -75,6 +77,7 @@ class EncoderDeployment:
     async def _run_batch(self, calls: list[list[str]]) -> list[np.ndarray]:
         assert self.embedder is not None  # encode() answers for a replica without a model
         flat = [text for texts in calls for text in texts]
+        self.batch_size.observe(len(flat), tags={"model": self.model})
         # The forward pass holds a thread for milliseconds: keep it off the replica's event loop.
         sub_batch = CPU_SUB_BATCH if self.embedder.device == "cpu" else GPU_SUB_BATCH
         vectors = await asyncio.to_thread(self.embedder.encode, flat, batch_size=sub_batch)

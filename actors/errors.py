@@ -7,6 +7,7 @@
     ├── InvalidRequest              422  bad search input; `errors` locates each problem (loc, msg, type)
     │   └── MalformedRequest        400  the request cannot be read: a Content-Length that is not a number
     ├── Unauthorized                401  API keys are on and the request has no valid one
+    ├── NotFound                    404  the app does not offer this (GET /v1/stats with gateway.metrics: false)
     ├── PayloadTooLarge             413  the body is over gateway.max_body_bytes
     └── ServiceUnavailable          503  try again after `retry_after_s`
         ├── Overloaded                   the gateway is at its queue limit (Serve's backpressure)
@@ -106,6 +107,12 @@ class Unauthorized(RagError):
 
     def headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": "Bearer"}
+
+
+class NotFound(RagError):
+    """What was asked for is switched off in this app's config."""
+
+    status_code = 404
 
 
 class PayloadTooLarge(RagError):

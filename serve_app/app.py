@@ -9,6 +9,7 @@ The same builder serves every entry point:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Iterator
@@ -22,9 +23,11 @@ from ray.serve import Application, Deployment
 
 from actors.deployment import RetrieverDeployment
 from actors.encoder import EncoderDeployment, encoder_name
+from actors.metrics import ray_instruments
 from serve_app.config import AppConfig, check_startable, file_problems, load_config
 from serve_app.gateway import Gateway
 from serve_app.http import build_api, digest, load_api_keys
+from serve_app.telemetry import PUSH_INTERVAL_S, StatsHub, Telemetry
 
 logger = logging.getLogger("ray.serve")
 
@@ -33,7 +36,11 @@ logger = logging.getLogger("ray.serve")
 @serve.ingress()
 class GatewayDeployment(Gateway):
     """A gateway replica: handle calls reach `search`, `retrievers` and `stats`; HTTP reaches the
-    FastAPI app that `build_api` makes for this replica once it is constructed."""
+    FastAPI app that `build_api` makes for this replica once it is constructed.
+
+    With `gateway.metrics` on, it records ragfan's metrics through Ray (`ray.serve.metrics`) and
+    pushes its counts to the app's stats deployment every PUSH_INTERVAL_S, for GET /v1/stats.
+    """
 
     def __init__(
         self,
@@ -41,13 +48,40 @@ class GatewayDeployment(Gateway):
         retrievers: dict[str, list[Any]],
         encoders: dict[str, Any] | None = None,
         *,
+        stats_hub: Any = None,
         api_key_digests: tuple[bytes, ...] = (),
     ) -> None:
-        super().__init__(config, retrievers, encoders)
+        telemetry = None
+        if config.gateway.metrics:
+            telemetry = Telemetry({r.name: r.timeout_ms / 1000 for r in config.retrievers},
+                                  sharded={r.name for r in config.retrievers if r.shards > 1},
+                                  instruments=ray_instruments())
+        replica = serve.get_replica_context().replica_id.unique_id
+        super().__init__(config, retrievers, encoders, telemetry=telemetry, stats_hub=stats_hub, replica=replica)
         self.api_key_digests = api_key_digests
+        self._pushing = asyncio.get_running_loop().create_task(self._push_forever()) if telemetry else None
+
+    async def _push_forever(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(PUSH_INTERVAL_S)
+            try:
+                await self.push_stats()
+                failing = False
+            except Exception as exc:  # the hub restarting: the counts wait for the next push
+                if not failing:
+                    logger.warning("gateway: could not push stats to the stats deployment: %s", exc)
+                failing = True
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self, key_digests=self.api_key_digests)
+
+
+@serve.deployment(name="stats", num_replicas=1, ray_actor_options={"num_cpus": 0.05},
+                  logging_config={"enable_access_log": False})
+class StatsDeployment(StatsHub):
+    """The app's one StatsHub. Each gateway replica reaches it once per PUSH_INTERVAL_S, plus once per
+    read of /v1/stats, so a small share of a CPU is plenty."""
 
 
 # Ray Serve settings every process of a ragfan cluster should run with. They are read when Serve's
@@ -128,8 +162,9 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
         **config.gateway.serve_options(),
     )
     keys = load_api_keys(config.gateway.api_keys_file) if api_keys is None else api_keys
+    hub = _deployment(StatsDeployment).bind() if config.gateway.metrics else None
     # Only digests travel to the replicas (and into Serve's stored config), never the keys.
-    return gateway.bind(config, handles, encoders, api_key_digests=tuple(digest(k) for k in keys))
+    return gateway.bind(config, handles, encoders, stats_hub=hub, api_key_digests=tuple(digest(k) for k in keys))
 
 
 def prepare_indexes(config: AppConfig, *, progress: bool = True) -> None:

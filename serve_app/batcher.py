@@ -16,7 +16,7 @@ downstream is busy wait together and go out as one call; a lone request goes at 
   `max_batch_size` (a batch query asks each retriever once); smaller groups still share a call.
 - A request whose caller gives up (its own deadline, or cancellation) leaves the queue; when every
   request of a call in flight has given up, the call is cancelled, which cancels it downstream.
-- `sizes` counts the batch sizes sent, for `ragfan bench` and the stats endpoint.
+- `sizes` counts the batch sizes sent, for `ragfan bench`; `on_batch` is told each one, for metrics.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ class Batcher(Generic[T, R]):
         max_batch_size: int = 32,
         max_concurrent: int = 1,
         wait_s: float = 0.0,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_concurrent < 1 or wait_s < 0:
             raise ValueError("max_batch_size and max_concurrent must be >= 1, wait_s >= 0")
@@ -68,6 +69,7 @@ class Batcher(Generic[T, R]):
         self._running: dict[asyncio.Task, list[_Waiter[T]]] = {}  # each call in flight, and whom it answers
         self._timer: asyncio.TimerHandle | None = None
         self.sizes: Counter[int] = Counter()
+        self.on_batch = on_batch  # told each batch size sent (the gateway's metrics)
 
     @property
     def in_flight(self) -> int:
@@ -127,6 +129,8 @@ class Batcher(Generic[T, R]):
         while self._queue and len(batch) + len(self._queue[0]) <= self.max_batch_size:
             batch += self._queue.popleft()
         self.sizes[len(batch)] += 1
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         self._running[asyncio.get_running_loop().create_task(self._run(batch))] = batch
 
     async def _run(self, batch: list[_Waiter[T]]) -> None:

@@ -47,6 +47,7 @@ from actors.errors import (
     InvalidRequest,
     MalformedRequest,
     NoRetrieverAvailable,
+    NotFound,
     Overloaded,
     PayloadTooLarge,
     RagError,
@@ -428,6 +429,8 @@ def error_from_status(status: int, detail: Any, *, retry_after_s: int = 1, url: 
         return MalformedRequest(message)
     if status == 401:
         return Unauthorized(message)
+    if status == 404 and isinstance(detail, str):  # ragfan's own 404 has a message; a wrong URL has none
+        return NotFound(message)
     if status == 413:
         return PayloadTooLarge(message)
     if status == 503 and isinstance(detail, dict) and "retrievers" in detail:
@@ -439,7 +442,7 @@ def error_from_status(status: int, detail: Any, *, retry_after_s: int = 1, url: 
 
 # The errors a search raises are importable from here too, as httpx exports its own.
 __all__ = [
-    "HTTPTransport", "HandleTransport", "InvalidRequest", "MalformedRequest", "NoRetrieverAvailable", "Overloaded",
-    "PayloadTooLarge", "RagClient", "RagError", "ServiceUnavailable", "Transport", "Unauthorized",
+    "HTTPTransport", "HandleTransport", "InvalidRequest", "MalformedRequest", "NoRetrieverAvailable", "NotFound",
+    "Overloaded", "PayloadTooLarge", "RagClient", "RagError", "ServiceUnavailable", "Transport", "Unauthorized",
     "error_from_response", "error_from_status",
 ]

@@ -267,6 +267,10 @@ class GatewayConfig(ScalingConfig):
         1024, ge=0, description="answers this large or larger are compressed as Accept-Encoding asks (zstd, br, "
         "gzip); null: never (bytes or '1KiB')"
     )
+    metrics: bool = Field(
+        True, description="record ragfan's Prometheus metrics and the /dashboard's window (GET /v1/stats); "
+        "false: neither, and no stats deployment"
+    )
     ray_actor_options: ActorOptions = ActorOptions(num_cpus=0.25)
 
     @field_validator("max_body_bytes", "compress_min_bytes", mode="before")
@@ -336,8 +340,9 @@ class AppConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"retriever names must be unique; repeated: {', '.join(dupes)}")
-        if "gateway" in names:
-            raise ValueError("'gateway' is reserved for the ingress deployment")
+        for reserved, what in (("gateway", "the ingress deployment"), ("stats", "the stats deployment")):
+            if reserved in names:
+                raise ValueError(f"'{reserved}' is reserved for {what}")
         taken = sorted(n for n in names if n == "encoder" or n.startswith("encoder-"))
         if taken:
             raise ValueError(f"names starting with 'encoder' are reserved for encoder deployments: {', '.join(taken)}")

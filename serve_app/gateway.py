@@ -16,12 +16,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from actors.encoder import encoder_name
-from actors.errors import InvalidRequest, NoRetrieverAvailable, PayloadTooLarge, RagError, ServiceUnavailable
+from actors.errors import (
+    InvalidRequest,
+    NoRetrieverAvailable,
+    NotFound,
+    PayloadTooLarge,
+    RagError,
+    ServiceUnavailable,
+)
 from serve_app.batcher import now
 from serve_app.breaker import CircuitBreaker
 from serve_app.cache import make_cache
 from serve_app.config import AppConfig
-from serve_app.fanout import Outcome
+from serve_app.fanout import Outcome, describe_error
 from serve_app.fusion import fuse
 from serve_app.lanes import CIRCUIT_OPEN, Ask, EncoderLane, RetrieverLane, slots
 from serve_app.schemas import (
@@ -41,6 +48,7 @@ from serve_app.schemas import (
     SearchResponse,
     Source,
 )
+from serve_app.telemetry import StatsHub, Telemetry
 
 logger = logging.getLogger("ray.serve")
 DISABLED = "ragfan is disabled (RAGFAN_DISABLED or enabled: false)"
@@ -121,15 +129,33 @@ class Gateway:
         config: AppConfig,
         retrievers: dict[str, list[Any]],
         encoders: dict[str, Any] | None = None,
+        *,
+        telemetry: Telemetry | None = None,
+        stats_hub: Any = None,
+        replica: str = "local",
     ) -> None:
-        """`retrievers`: per retriever, its handle, or one per shard; `encoders`: per model, its handle."""
+        """`retrievers`: per retriever, its handle, or one per shard; `encoders`: per model, its handle.
+
+        `telemetry` records each search (serve_app/telemetry.py); by default one with no Prometheus
+        instruments, or none with `gateway.metrics: false`. `stats_hub`: the handle of the app's
+        stats deployment, where this replica (`replica`) pushes its counts; by default a StatsHub of
+        this gateway's own.
+        """
         self.config = config
         self.weights = {r.name: r.weight for r in config.retrievers}
         self.cache = make_cache(config.cache)  # one per gateway replica; its lanes share it
+        if telemetry is None and config.gateway.metrics:
+            telemetry = Telemetry({r.name: r.timeout_ms / 1000 for r in config.retrievers},
+                                  sharded={r.name for r in config.retrievers if r.shards > 1})
+        self.telemetry = telemetry
+        self.stats_hub = stats_hub
+        self.own_hub = StatsHub() if stats_hub is None else None
+        self.replica = replica
         enc = config.encoder
         self.encoders = {
             model: EncoderLane(model, handle, max_batch_size=enc.batch.max_batch_size,
-                               max_concurrent=slots(enc.batch.max_concurrent_batches, enc.most_replicas))
+                               max_concurrent=slots(enc.batch.max_concurrent_batches, enc.most_replicas),
+                               on_batch=self._on_batch(f"encoder:{model}"))
             for model, handle in (encoders or {}).items()
         }
         self.lanes = {
@@ -145,6 +171,7 @@ class Gateway:
                     "max_batch_size": r.batch.max_batch_size,
                     "max_concurrent": slots(r.batch.max_concurrent_batches, r.most_replicas),
                     "wait_s": r.batch.batch_wait_timeout_s,
+                    "on_batch": self._on_batch(r.name),
                 },
                 encoder=self.encoders.get(r.encoder_model) if r.encoder_model else None,
                 vector_optional=r.kind == "graph",
@@ -160,8 +187,7 @@ class Gateway:
         if not self.config.enabled:
             return self._disabled(request, started)
         [outcomes] = await self.ask([(request, selected)])
-        results = self.fuse(request, outcomes)
-        return self.answer(request, outcomes, results, started)
+        return self._answered(request, outcomes, started)
 
     async def search_batch(self, batch: BatchSearchRequest | dict[str, Any]) -> BatchSearchResponse:
         """Each search of the batch answered in its place, in order: a bad or failed one is an error
@@ -182,10 +208,25 @@ class Gateway:
             request = checked[0]
             if not self.config.enabled:
                 return _ok(self._disabled(request, started))
-            outcomes = next(asked)
-            return _ok(self.answer(request, outcomes, self.fuse(request, outcomes), started))
+            return _ok(self._answered(request, next(asked), started))
         except (InvalidRequest, NoRetrieverAvailable) as exc:
             return _failed(exc)
+
+    def _answered(self, request: SearchRequest, outcomes: dict[str, Outcome], started: float) -> SearchResponse:
+        """Fuse and answer one search, and record it; raises NoRetrieverAvailable as `fuse` does."""
+        fusing = now()
+        try:
+            results = self.fuse(request, outcomes)
+        except NoRetrieverAvailable:
+            if self.telemetry is not None:
+                self.telemetry.searched(outcomes, "failed", now() - started)
+            raise
+        fused_s = now() - fusing
+        response = self.answer(request, outcomes, results, started)
+        if self.telemetry is not None:
+            self.telemetry.searched(outcomes, "degraded" if response.degraded else "complete",
+                                    response.latency_ms / 1000, fused_s)
+        return response
 
     async def ask(self, searches: list[tuple[SearchRequest, list[str]]]) -> list[dict[str, Outcome]]:
         """Each search's outcome per selected retriever. Every lane is asked once, with the queries of
@@ -334,6 +375,49 @@ class Gateway:
                 used_by=[r.name for r in self.config.retrievers if r.encoder_model == lane.model],
             ))
         return infos
+
+    # -- metrics and the dashboard's figures ---------------------------------------------------------
+    def _on_batch(self, lane: str) -> Any:
+        telemetry = self.telemetry
+        return None if telemetry is None else (lambda size: telemetry.batch_sent(lane, size))
+
+    async def push_stats(self) -> None:
+        """Send what this replica counted since its last push to the hub, and set the lanes' gauges."""
+        if self.telemetry is None:
+            return
+        lanes = self.telemetry.lanes_now(self.lanes)
+        counted = self.telemetry.take()
+        try:
+            if self.own_hub is not None:
+                self.own_hub.push(self.replica, counted, lanes)
+            else:
+                await self.stats_hub.push.remote(self.replica, counted, lanes)
+        except BaseException:
+            self.telemetry.give_back(counted)  # they go with the next push
+            raise
+
+    async def live_stats(self) -> dict[str, Any]:
+        """GET /v1/stats: the last 15 minutes, for every gateway replica (see serve_app/telemetry.py),
+        and each retriever's health now."""
+        if self.telemetry is None:
+            raise NotFound("metrics are off for this app (gateway.metrics: false)")
+        try:
+            await self.push_stats()  # this replica's latest counts, before it reads them
+            if self.own_hub is not None:
+                summary = self.own_hub.summary(self.config.names)
+            else:
+                summary = await self.stats_hub.summary.remote(self.config.names)
+        except Exception as exc:
+            raise ServiceUnavailable(f"the stats deployment does not answer: {describe_error(exc)}") from None
+        names = list(summary["retrievers"])
+        described = await asyncio.gather(*(self.lanes[n].describe() for n in names)) if self.config.enabled else []
+        for name, o in zip(names, described, strict=True):
+            health = summary["retrievers"][name]["health"]
+            error = ((o.value or {}).get("error") if o.status == "ok" else o.error)
+            health["healthy"] = o.status == "ok" and not error
+            health["error"] = error
+            health["state"] = "down" if not health["healthy"] else "failing" if health.pop("failing") else "ok"
+        return summary
 
     def stats(self) -> dict[str, Any]:
         """Counts since this replica started: batch sizes sent per lane (`encoder:<model>` for encoders)."""

@@ -7,7 +7,8 @@ the app's own state, not module globals, and a test builds as many as it likes.
 In the order a request meets them:
 
 1. `Guard` (ASGI middleware): the API key, then the body size, before a byte of the body is parsed.
-   - API keys (optional). With keys configured, every path but /healthz and the API docs needs
+   - API keys (optional). With keys configured, every path but /healthz, the API docs and the
+     /dashboard page (which holds no figures; it asks /v1/stats for them, with the key) needs
      `Authorization: Bearer KEY`; a missing or wrong key gets 401. Keys are compared as SHA-256
      digests with `hmac.compare_digest`, against every configured key, so the time taken does not
      depend on how much of a key matched. Only digests reach the replicas, and no key is logged.
@@ -37,7 +38,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 from starlette_compress import CompressMiddleware
 
@@ -51,9 +52,12 @@ from serve_app.schemas import (
     RetrieversResponse,
     SearchRequest,
     SearchResponse,
+    StatsResponse,
 )
 
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+# /dashboard is a page with no data in it: it asks GET /v1/stats, which needs the key, for the figures.
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/dashboard"})
+DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
 MAX_JSON_DEPTH = 32
 API_KEYS_ENV = "RAGFAN_API_KEYS"
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -283,6 +287,18 @@ def build_api(gateway: Gateway, *, max_body_bytes: int | None = None, key_digest
              responses={401: ERRORS[401]})
     async def retrievers() -> RetrieversResponse:
         return await gateway.retrievers()
+
+    @api.get("/v1/stats", response_model=StatsResponse, summary="The last 15 minutes, for every gateway replica",
+             description="What the /dashboard page draws: searches per second, latency quantiles, status mix, "
+             "degraded and cache-hit rates per 5-second bucket, and each retriever's health now.",
+             responses={401: ERRORS[401], 404: {"model": ErrorResponse, "description": "gateway.metrics is false"},
+                        503: {"model": ErrorResponse, "description": "the stats deployment does not answer"}})
+    async def stats() -> dict[str, Any]:
+        return await gateway.live_stats()
+
+    @api.get("/dashboard", response_class=HTMLResponse, summary="A live page of /v1/stats's figures")
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(DASHBOARD.read_text(encoding="utf-8"))
 
     @api.get("/healthz", summary="200 when the gateway is up")
     async def healthz() -> dict[str, str]:

@@ -67,11 +67,12 @@ def slots(max_concurrent_batches: int, replicas: int) -> int:
 class EncoderLane:
     """Encodes each request's query once for every lane of one model, batched across requests."""
 
-    def __init__(self, model: str, handle: Any, *, max_batch_size: int, max_concurrent: int) -> None:
+    def __init__(self, model: str, handle: Any, *, max_batch_size: int, max_concurrent: int,
+                 on_batch: Callable[[int], None] | None = None) -> None:
         self.model = model
         self.handle = handle
         self.batcher: Batcher[str, np.ndarray] = Batcher(
-            self._send, max_batch_size=max_batch_size, max_concurrent=max_concurrent
+            self._send, max_batch_size=max_batch_size, max_concurrent=max_concurrent, on_batch=on_batch
         )
 
     async def _send(self, texts: list[str], deadline: float) -> list[np.ndarray]:

@@ -190,3 +190,59 @@ class RetrieversResponse(BaseModel):
     enabled: bool
     retrievers: list[RetrieverInfo]
     encoders: list[EncoderInfo] = []
+
+
+# -- GET /v1/stats: the dashboard's figures. Every list has one entry per bucket, aligned with `times`;
+# null where the bucket has nothing to measure (no search, no lookup).
+Series = list[float | None]
+
+
+class SearchSeries(BaseModel):
+    qps: list[float]
+    p50_ms: Series
+    p99_ms: Series
+    degraded_rate: Series = Field(description="share of the bucket's searches answered degraded")
+    failed_rate: Series = Field(description="share of the bucket's searches that no retriever answered (503)")
+
+
+class CacheSeries(BaseModel):
+    hit_rate: Series = Field(description="share of the bucket's result-cache lookups that hit")
+
+
+class RetrieverHealth(BaseModel):
+    state: Literal["ok", "failing", "down"] = Field(
+        description="down: its replicas do not answer a health check; failing: a gateway replica's circuit for it "
+        "is not closed, or most of its outcomes in the last minute were not ok")
+    healthy: bool = Field(description="its replicas answer a health check and its index loaded")
+    circuit: Literal["closed", "half_open", "open"] = Field(description="the worst over the gateway replicas")
+    in_flight: int = Field(description="calls in flight to it, summed over the gateway replicas")
+    error: str | None = None
+
+
+class RetrieverSeries(BaseModel):
+    p50_ms: Series
+    p99_ms: Series
+    status: dict[str, list[int]] = Field(description="outcomes per bucket, per status: ok, timeout, error, "
+                                         "skipped, circuit_open")
+    totals: dict[str, int] = Field(description="outcomes over the window, per status")
+    health: RetrieverHealth
+
+
+class StatsTotals(BaseModel):
+    searches: int
+    degraded: int
+    failed: int
+    cache_hits: int
+    cache_lookups: int
+
+
+class StatsResponse(BaseModel):
+    window_s: int = Field(description="the stretch covered: the last 15 minutes")
+    bucket_s: int = Field(description="seconds per point")
+    now: float = Field(description="the hub's clock, unix seconds")
+    gateways: int = Field(description="gateway replicas that reported in the last 10 s")
+    times: list[int] = Field(description="each bucket's start, unix seconds, oldest first")
+    searches: SearchSeries
+    cache: CacheSeries
+    retrievers: dict[str, RetrieverSeries]
+    totals: StatsTotals

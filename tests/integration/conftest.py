@@ -4,6 +4,10 @@
                       from the KubeRay manifest's serveConfigV2 (cluster_configs/rayservice.yaml) as KubeRay would
 - `faults` (/faults)  synthetic retrievers that sleep, fail or hang, for fan-out behaviour
 - `off`    (/off)     the same default config with enabled: false
+- `watch`  (/watch)   two gateway replicas behind an API key, over one retriever that answers, one that
+                      fails and one that hangs: what the metrics, Prometheus and /dashboard tests watch
+
+Ray exports the cluster's metrics for Prometheus on `metrics_port`, every METRICS_REPORT_MS.
 
 Starting Ray costs seconds and loading the model costs more, so everything is session-scoped.
 """
@@ -29,6 +33,8 @@ CORPUS = DEFAULT_CONFIG.parent / "data" / "corpus.jsonl"
 TINYBEIR = Path(__file__).resolve().parents[1] / "fixtures" / "tinybeir"
 ROOT = Path(__file__).resolve().parents[2]
 RAYSERVICE = ROOT / "cluster_configs" / "rayservice.yaml"
+WATCH_KEY = "watch-key-0123456789"  # the watch app's API key
+METRICS_REPORT_MS = 1000  # how often Ray's processes report metrics to the export (Ray's default: 10 s)
 DENSE_UNITS = 3  # the custom resource the manifest's dense retrievers need: one per replica, three at the least
 
 
@@ -45,12 +51,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+METRICS_PORT = _free_port()
+
+
+@pytest.fixture(scope="session")
+def metrics_port(cluster) -> int:
+    """Where the session's Ray node exports its metrics (Prometheus text at /metrics)."""
+    return METRICS_PORT
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     port = _free_port()
     # `dense`: what KubeRay's dense worker pods advertise, so the manifest's dense retrievers can be placed
     with serve_env():
-        ray.init(num_cpus=8, resources={"dense": DENSE_UNITS}, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=8, resources={"dense": DENSE_UNITS}, include_dashboard=False, log_to_driver=False,
+                 _metrics_export_port=METRICS_PORT,
+                 _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -185,6 +202,26 @@ def guard_url(cluster, broken_index, tmp_path_factory) -> str:
     )
     serve.run(app_from_config(config, api_keys=None), name="guard", route_prefix="/guard")
     return cluster + "/guard"
+
+
+@pytest.fixture(scope="session")
+def watch_url(cluster) -> str:
+    """Two gateway replicas behind WATCH_KEY; `steady` answers, `failing` always fails (its breaker opens
+    after 3 failures and probes again every second), `hanging` times out at 300 ms."""
+    config = parse_config(
+        {
+            "app_name": "watch",
+            "gateway": {"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 2},
+            "retrievers": [
+                synthetic("steady", delay_ms=5),
+                synthetic("failing", fail="always", circuit_breaker={"failures": 3, "cooldown_s": 1.0}),
+                synthetic("hanging", delay_ms=5000, timeout_ms=300, circuit_breaker={"failures": 1000}),
+            ],
+        },
+        base_dir=Path("."),
+    )
+    serve.run(app_from_config(config, api_keys=[WATCH_KEY]), name="watch", route_prefix="/watch")
+    return cluster + "/watch"
 
 
 @pytest.fixture(scope="session")
