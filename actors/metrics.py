@@ -4,7 +4,7 @@ Recorded through Ray's metrics system (`ray.serve.metrics`), so Serve tags every
 `deployment`, `replica` and `application`, and Ray exports them from every node's metrics port,
 prefixed `ray_` (`ragfan_searches_total` is scraped as `ray_ragfan_searches_total`). The gateway
 records most of them (serve_app/telemetry.py); the encoder replicas record their batch sizes.
-docs/OPERATIONS.md has this table for operators; a unit test keeps the two in step.
+docs/MONITORING.md has this table for operators; a unit test keeps the two in step.
 """
 
 from __future__ import annotations

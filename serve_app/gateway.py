@@ -149,7 +149,7 @@ class Gateway:
                                   sharded={r.name for r in config.retrievers if r.shards > 1})
         self.telemetry = telemetry
         self.stats_hub = stats_hub
-        self.own_hub = StatsHub() if stats_hub is None else None
+        self.own_hub = StatsHub(clock=telemetry.clock) if stats_hub is None and telemetry else None
         self.replica = replica
         enc = config.encoder
         self.encoders = {
