@@ -171,6 +171,7 @@ def serve(args: argparse.Namespace) -> int:
         print(textwrap.dedent(f"""
             ragfan is ready at {url} ({len(config.retrievers)} retrievers, up in {time.perf_counter() - started:.1f} s)
               API docs:  {url}/docs
+              dashboard: {url}/dashboard{"" if config.gateway.metrics else " (off: gateway.metrics is false)"}
               try:       ragfan query "vitamin D and multiple sclerosis" --url {url}
                          curl -s {url}/v1/search -H 'content-type: application/json' \\
                               -d '{{"query": "vitamin D and multiple sclerosis", "top_k": 5}}'
@@ -182,7 +183,8 @@ def serve(args: argparse.Namespace) -> int:
         if args.metrics_port:
             print(f"ragfan: Ray's metrics for Prometheus at http://{args.host}:{args.metrics_port}/metrics")
         if api_keys:
-            print(f"ragfan: API keys on ({len(api_keys)} key(s)): send 'Authorization: Bearer <key>'; /healthz is open")
+            print(f"ragfan: API keys on ({len(api_keys)} key(s)): send 'Authorization: Bearer <key>'; /healthz is open, "
+                  "and /dashboard asks for a key")
         else:
             print(f"ragfan: warning: no API keys configured: anyone who can reach {url} can search "
                   f"(set {API_KEYS_ENV} or gateway.api_keys_file)", file=sys.stderr)
