@@ -101,8 +101,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "stats_cpu_ms_per_query": statistics.median(
                     r["cpu_ms_per_query_by_role"].get("stats", 0.0) for r in mine),
                 # every process of the cluster: the retrievers, the encoder, the proxy, Ray's own
-                "cluster_cpu_ms_per_query": statistics.median(
-                    sum(r["cpu_ms_per_query_by_role"].values()) for r in mine),
+                "cluster_cpu_ms_per_query": round(statistics.median(
+                    sum(r["cpu_ms_per_query_by_role"].values()) for r in mine), 2),
             }
         out[path] = {"on": side[True], "off": side[False],
                      "qps_on_over_off": round(side[True]["qps"] / side[False]["qps"], 3),
