@@ -25,8 +25,9 @@ debs:
 
 redis: debs
 
+# METRICS_PORT=8080 pins the port where Ray exports its metrics and ragfan's (cluster_configs/prometheus/)
 serve: $(STAMP)
-	$(BIN)/ragfan serve --port $(PORT)
+	$(BIN)/ragfan serve --port $(PORT)$(if $(METRICS_PORT), --metrics-port $(METRICS_PORT))
 
 # The multinode tests start a Ray cluster of their own (ray.cluster_utils.Cluster): a second process.
 test: $(STAMP) debs
