@@ -410,13 +410,16 @@ class Gateway:
         except Exception as exc:
             raise ServiceUnavailable(f"the stats deployment does not answer: {describe_error(exc)}") from None
         names = list(summary["retrievers"])
-        described = await asyncio.gather(*(self.lanes[n].describe() for n in names)) if self.config.enabled else []
+        described: list[Outcome | None] = [None] * len(names)  # disabled: no retriever runs
+        if self.config.enabled:
+            described = list(await asyncio.gather(*(self.lanes[n].describe() for n in names)))
         for name, o in zip(names, described, strict=True):
             health = summary["retrievers"][name]["health"]
-            error = ((o.value or {}).get("error") if o.status == "ok" else o.error)
-            health["healthy"] = o.status == "ok" and not error
+            error = DISABLED if o is None else (o.value or {}).get("error") if o.status == "ok" else o.error
+            health["healthy"] = o is not None and o.status == "ok" and not error
             health["error"] = error
             health["state"] = "down" if not health["healthy"] else "failing" if health.pop("failing") else "ok"
+            health.pop("failing", None)
         return summary
 
     def stats(self) -> dict[str, Any]:

@@ -224,3 +224,13 @@ def test_the_metrics_table_in_the_docs_matches_the_code():
     rows = re.findall(r"^\| `(ragfan_\w+)` \| (\w+) \| ([^|]*) \|", DOCS.read_text(encoding="utf-8"), re.M)
     documented = {name: (kind, tuple(re.findall(r"`(\w+)`", tags))) for name, kind, tags in rows}
     assert documented == {spec.name: (spec.kind, spec.tags) for spec in METRICS}
+
+
+async def test_a_disabled_app_shows_every_retriever_down(docs):
+    gw = gateway(docs, instruments())
+    gw.config = gw.config.model_copy(update={"enabled": False})
+    await gw.search({"query": "vitamin d"})
+    stats = await gw.live_stats()
+    assert stats["totals"]["searches"] == 0  # a disabled app answers without searching
+    assert {r["health"]["state"] for r in stats["retrievers"].values()} == {"down"}
+    assert all("disabled" in r["health"]["error"] for r in stats["retrievers"].values())
