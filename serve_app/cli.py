@@ -183,8 +183,8 @@ def serve(args: argparse.Namespace) -> int:
         if args.metrics_port:
             print(f"ragfan: Ray's metrics for Prometheus at http://{args.host}:{args.metrics_port}/metrics")
         if api_keys:
-            print(f"ragfan: API keys on ({len(api_keys)} key(s)): send 'Authorization: Bearer <key>'; /healthz is open, "
-                  "and /dashboard asks for a key")
+            print(f"ragfan: API keys on ({len(api_keys)} key(s)): send 'Authorization: Bearer <key>'; "
+                  "/healthz is open, and /dashboard asks for a key")
         else:
             print(f"ragfan: warning: no API keys configured: anyone who can reach {url} can search "
                   f"(set {API_KEYS_ENV} or gateway.api_keys_file)", file=sys.stderr)

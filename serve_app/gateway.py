@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -377,7 +378,8 @@ class Gateway:
         return infos
 
     # -- metrics and the dashboard's figures ---------------------------------------------------------
-    def _on_batch(self, lane: str) -> Any:
+    def _on_batch(self, lane: str) -> Callable[[int], None] | None:
+        """What a lane's batcher tells of each batch it sends: its size, to the metrics."""
         telemetry = self.telemetry
         return None if telemetry is None else (lambda size: telemetry.batch_sent(lane, size))
 
