@@ -1,0 +1,253 @@
+"""ragfan's metrics through a real Prometheus (Debian's `prometheus`), scraping the session's Ray cluster.
+
+Searches go to the `watch` app (two gateway replicas; `steady` answers, `failing` always fails, `hanging`
+times out at 300 ms), and a few to the default app (which has the shared encoder). Then PromQL, over
+Prometheus's HTTP API, must agree with what the answers said: each retriever's p99, every outcome count
+exactly (totals before and after, summed over the gateway replicas), every search degraded. Last, the
+Grafana dashboard: every metric it reads exists, and every one of its queries runs and returns series.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import yaml
+
+from serve_app.telemetry import CIRCUIT_OPEN
+from tests.integration.conftest import WATCH_KEY
+
+PROMETHEUS = shutil.which("prometheus")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus is not installed: run `make debs`"),
+]
+ROOT = Path(__file__).resolve().parents[2]
+AUTH = {"Authorization": f"Bearer {WATCH_KEY}"}
+WARM_UP = 6  # searches that open `failing`'s breakers and create every series before the counts start
+SEARCHES = 60  # the searches counted
+WATCH = 'application="watch"'
+T = TypeVar("T")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def eventually(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 30) -> T:
+    """Read until done(value) or the deadline; the last value either way, for the assertion to show."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.5)
+
+
+# -- Prometheus ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prometheus(metrics_port, tmp_path_factory) -> Iterator[str]:
+    """A Prometheus scraping the session's Ray metrics export every second; its URL."""
+    root = tmp_path_factory.mktemp("prometheus")
+    config = root / "prometheus.yml"
+    config.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
+    }))
+    url = f"http://127.0.0.1:{_free_port()}"
+    log_path = root / "prometheus.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
+             f"--web.listen-address={url.removeprefix('http://')}", "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            def ready() -> bool:
+                if process.poll() is not None:
+                    pytest.fail(f"prometheus exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+                try:
+                    return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            assert eventually(ready, bool, timeout_s=60), log_path.read_text()[-2000:]
+            up = eventually(lambda: query(url, 'up{job="ray"}'), lambda r: bool(r) and r[0]["value"][1] == "1")
+            assert up and up[0]["value"][1] == "1", up
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def query(prometheus: str, promql: str) -> list[dict[str, Any]]:
+    """An instant query: the series of the result."""
+    answer = httpx.get(f"{prometheus}/api/v1/query", params={"query": promql}, timeout=10)
+    body = answer.json()
+    assert answer.status_code == 200 and body["status"] == "success", (promql, body)
+    return body["data"]["result"]
+
+
+def values(prometheus: str, promql: str, *labels: str) -> dict[Any, float]:
+    """{label value (a tuple for several): number} of an instant query."""
+    out = {}
+    for series in query(prometheus, promql):
+        key = tuple(series["metric"].get(label, "") for label in labels)
+        out[key[0] if len(key) == 1 else key] = float(series["value"][1])
+    return out
+
+
+def outcomes(prometheus: str) -> Counter:
+    """ragfan_retriever_outcomes_total of the watch app, per (retriever, status), over every replica."""
+    totals = values(prometheus, f"sum by (retriever, status) (ray_ragfan_retriever_outcomes_total{{{WATCH}}})",
+                    "retriever", "status")
+    return Counter({k: round(v) for k, v in totals.items()})
+
+
+def answers(prometheus: str) -> Counter:
+    totals = values(prometheus, f"sum by (answer) (ray_ragfan_searches_total{{{WATCH}}})", "answer")
+    return Counter({k: round(v) for k, v in totals.items()})
+
+
+def counted(prometheus: str, before: tuple[Counter, Counter], n: int) -> tuple[Counter, Counter]:
+    """Wait until Prometheus has n more watch searches than `before`, each retriever asked n more times,
+    and return (outcome deltas, answer deltas)."""
+    def deltas() -> tuple[Counter, Counter]:
+        return outcomes(prometheus) - before[0], answers(prometheus) - before[1]
+
+    def complete(d: tuple[Counter, Counter]) -> bool:
+        per_retriever = Counter()
+        for (retriever, _), k in d[0].items():
+            per_retriever[retriever] += k
+        return d[1].total() == n and set(per_retriever.values()) == {n}
+
+    return eventually(deltas, complete)
+
+
+def settled(prometheus: str, before: tuple[Counter, Counter], n: int) -> None:
+    d = counted(prometheus, before, n)
+    assert d[1].total() == n, f"Prometheus did not count the {n} searches within 30 s: {d}"
+
+
+# -- traffic ---------------------------------------------------------------------------------------
+def search_watch(http: httpx.Client, url: str, queries: list[str]) -> Counter:
+    """Send the searches, 4 at a time; (retriever, status) counts as the answers reported them."""
+    def one(q: str) -> dict:
+        answer = http.post(f"{url}/v1/search", json={"query": q}, headers=AUTH)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(one, queries))
+    seen: Counter = Counter()
+    for response in responses:
+        assert response["degraded"]
+        for name, status in response["retrievers"].items():
+            seen[name, "circuit_open" if status["error"] == CIRCUIT_OPEN else status["status"]] += 1
+    return seen
+
+
+@pytest.fixture(scope="module")
+def traffic(prometheus, watch_url, base_url, http) -> dict[str, Any]:
+    run = uuid.uuid4().hex[:8]  # queries no other test sends: the watch app's result cache must miss
+    for i in range(8):  # the default app: its encoder's batch sizes
+        answer = http.post(f"{base_url}/v1/search", json={"query": f"prometheus {run} vitamin d {i}"})
+        assert answer.status_code == 200, answer.text
+
+    start = outcomes(prometheus), answers(prometheus)
+    search_watch(http, watch_url, [f"warm-up {run} {i}" for i in range(WARM_UP)])
+    settled(prometheus, start, WARM_UP)  # every series exists now, and the totals below are settled
+
+    started = time.monotonic()
+    before = outcomes(prometheus), answers(prometheus)
+    seen = search_watch(http, watch_url, [f"metrics {run} bone density {i}" for i in range(SEARCHES)])
+    sent_s = time.monotonic() - started
+    outcome_delta, answer_delta = counted(prometheus, before, SEARCHES)
+    return {"seen": seen, "outcomes": outcome_delta, "answers": answer_delta, "sent_s": sent_s,
+            "counted_s": time.monotonic() - started}
+
+
+# -- what Prometheus says --------------------------------------------------------------------------
+def test_each_retrievers_p99(prometheus, traffic):
+    p99 = values(prometheus, "histogram_quantile(0.99, sum by (le, retriever) "
+                             f"(rate(ray_ragfan_retriever_seconds_bucket{{{WATCH}}}[1m])))", "retriever")
+    print(f"p99 (s): {p99}; {SEARCHES} searches sent in {traffic['sent_s']:.1f} s, "
+          f"all counted by Prometheus after {traffic['counted_s']:.1f} s")
+    assert set(p99) == {"steady", "failing", "hanging"}
+    assert not any(math.isnan(v) for v in p99.values()), p99
+    assert p99["hanging"] >= 0.3  # it times out at its 300 ms deadline, every time
+    assert p99["steady"] < 0.3  # it answers in 5 ms; the rest is the gateway's share of two busy cores
+
+
+def test_every_outcome_counted_as_the_answers_said(prometheus, traffic):
+    seen = traffic["seen"]
+    assert traffic["outcomes"] == seen  # every (retriever, status), summed over both gateway replicas
+    assert seen["steady", "ok"] == SEARCHES and seen["hanging", "timeout"] == SEARCHES
+    assert {status for (name, status) in seen if name == "failing"} <= {"error", "circuit_open"}
+    print(f"outcomes counted: {dict(sorted(seen.items()))}")
+    # the failing retriever never answered, since the app started
+    failing = values(prometheus, "sum by (status) (ray_ragfan_retriever_outcomes_total"
+                                 f'{{{WATCH}, retriever="failing"}})', "status")
+    assert set(failing) <= {"error", "circuit_open"} and failing, failing
+
+
+def test_the_error_rate_is_the_failing_retrievers_alone(prometheus, traffic):
+    rate = values(prometheus, "sum by (retriever) (rate(ray_ragfan_retriever_outcomes_total"
+                              f'{{{WATCH}, status=~"error|circuit_open"}}[1m])) / sum by (retriever) '
+                              f"(rate(ray_ragfan_retriever_outcomes_total{{{WATCH}}}[1m]))", "retriever")
+    assert rate == {"failing": 1.0}
+
+
+def test_every_search_to_the_watch_app_was_degraded(prometheus, traffic):
+    assert traffic["answers"] == Counter({"degraded": SEARCHES})
+    share = values(prometheus, f'sum(rate(ray_ragfan_searches_total{{{WATCH}, answer="degraded"}}[1m])) '
+                               f"/ sum(rate(ray_ragfan_searches_total{{{WATCH}}}[1m]))")
+    assert list(share.values()) == [1.0]
+
+
+# -- the Grafana dashboard -------------------------------------------------------------------------
+def load_build():
+    spec = importlib.util.spec_from_file_location("ragfan_grafana_build", ROOT / "cluster_configs/grafana/build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def dashboard_queries() -> list[tuple[str, str, list[str]]]:
+    build = load_build()
+    board = json.loads(build.OUT.read_text(encoding="utf-8"))
+    return [(title, expr, build.metric_names(expr)) for title, expr in build.expressions(board)]
+
+
+def test_every_metric_the_dashboard_reads_exists(prometheus, traffic, dashboard_queries):
+    answer = httpx.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()
+    exported = set(answer["data"])
+    read = {name for _, _, names in dashboard_queries for name in names}
+    assert len(read) >= 12
+    assert read <= exported, sorted(read - exported)
+
+
+def test_every_dashboard_query_runs_and_returns_series(prometheus, traffic, dashboard_queries):
+    for title, expr, _ in dashboard_queries:
+        promql = expr.replace("$application", ".*").replace("$__rate_interval", "1m")
+        assert query(prometheus, promql), (title, promql)
