@@ -24,7 +24,7 @@ STATUSES = {"ok", "timeout", "error", "skipped", "circuit_open"}
 TOP = {"window_s", "bucket_s", "now", "gateways", "searches", "cache", "retrievers", "totals"}
 SEARCH_SERIES = {"qps", "degraded_rate", "failed_rate"}
 TOTALS = {"searches", "degraded", "failed", "cache_hits", "cache_lookups"}
-RETRIEVER = {"p50_ms", "p99_ms", "totals", "health"}
+RETRIEVER = {"p50_ms", "p99_ms", "status", "totals", "health"}
 HEALTH = {"state", "circuit", "in_flight", "error"}
 
 
@@ -76,7 +76,9 @@ def test_stats_have_every_key_the_page_reads(client):
     assert set(s["retrievers"]) == {"fine", "broken"}
     for name, r in s["retrievers"].items():
         assert RETRIEVER <= r.keys() and HEALTH <= r["health"].keys(), name
-        assert set(r["totals"]) == STATUSES
+        assert set(r["totals"]) == set(r["status"]) == STATUSES
+        for status, counts in r["status"].items():  # a shorter range sums these; the whole window is `totals`
+            assert len(counts) == n and sum(counts) == r["totals"][status], (name, status)
         assert len(r["p50_ms"]) == len(r["p99_ms"]) == n
         assert r["p99_ms"][0] is None  # an empty bucket is a gap (null) in the line, not a zero
     assert s["retrievers"]["fine"]["totals"]["ok"] == 3 and s["retrievers"]["fine"]["health"]["state"] == "ok"
