@@ -51,11 +51,7 @@ class GatewayDeployment(Gateway):
         stats_hub: Any = None,
         api_key_digests: tuple[bytes, ...] = (),
     ) -> None:
-        telemetry = None
-        if config.gateway.metrics:
-            telemetry = Telemetry({r.name: r.timeout_ms / 1000 for r in config.retrievers},
-                                  sharded={r.name for r in config.retrievers if r.shards > 1},
-                                  instruments=ray_instruments())
+        telemetry = Telemetry.of(config, instruments=ray_instruments()) if config.gateway.metrics else None
         replica = serve.get_replica_context().replica_id.unique_id
         super().__init__(config, retrievers, encoders, telemetry=telemetry, stats_hub=stats_hub, replica=replica)
         self.api_key_digests = api_key_digests

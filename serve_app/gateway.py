@@ -146,8 +146,7 @@ class Gateway:
         self.weights = {r.name: r.weight for r in config.retrievers}
         self.cache = make_cache(config.cache)  # one per gateway replica; its lanes share it
         if telemetry is None and config.gateway.metrics:
-            telemetry = Telemetry({r.name: r.timeout_ms / 1000 for r in config.retrievers},
-                                  sharded={r.name for r in config.retrievers if r.shards > 1})
+            telemetry = Telemetry.of(config)
         self.telemetry = telemetry
         self.stats_hub = stats_hub
         self.own_hub = StatsHub(clock=telemetry.clock) if stats_hub is None and telemetry else None
@@ -418,10 +417,10 @@ class Gateway:
         for name, o in zip(names, described, strict=True):
             health = summary["retrievers"][name]["health"]
             error = DISABLED if o is None else (o.value or {}).get("error") if o.status == "ok" else o.error
+            failing = health.pop("failing")
             health["healthy"] = o is not None and o.status == "ok" and not error
             health["error"] = error
-            health["state"] = "down" if not health["healthy"] else "failing" if health.pop("failing") else "ok"
-            health.pop("failing", None)
+            health["state"] = "down" if not health["healthy"] else "failing" if failing else "ok"
         return summary
 
     def stats(self) -> dict[str, Any]:

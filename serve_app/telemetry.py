@@ -24,10 +24,13 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from actors.metrics import NO_INSTRUMENTS, Instrument
 from serve_app.fanout import Outcome
+
+if TYPE_CHECKING:
+    from serve_app.config import AppConfig
 
 WINDOW_S = 15 * 60  # what /v1/stats covers
 BUCKET_S = 5  # one point of the dashboard's charts
@@ -121,6 +124,12 @@ class Telemetry:
         self.metric = instruments
         self.clock = clock
         self.pending = Window()  # counted since the last `take`
+
+    @classmethod
+    def of(cls, config: AppConfig, **options: Any) -> Telemetry:
+        """A recorder for `config`'s retrievers: their deadlines, and which of them are sharded."""
+        return cls({r.name: r.timeout_ms / 1000 for r in config.retrievers},
+                   sharded={r.name for r in config.retrievers if r.shards > 1}, **options)
 
     def searched(self, outcomes: Mapping[str, Outcome], answer: Answer, latency_s: float,
                  fusion_s: float | None = None) -> None:
