@@ -424,23 +424,28 @@ class ServedRuns:
                 self.extra["pyspy"] = recorder.report(f"ragfan-handle c={c}")
 
     def _http_run(self, c: int, probe: ServedProbe) -> None:
-        """c clients share one AsyncClient whose pool keeps c connections open: no set-up per request."""
-        import httpx
-
-        url = f"http://127.0.0.1:{self.port}/bench/v1/search"
-
-        async def run() -> dict[str, Any]:
-            limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
-            async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-                async def call(q: str) -> None:
-                    r = await http.post(url, json={"query": q, "top_k": TOP_K})
-                    r.raise_for_status()
-
-                return await measure_async("ragfan-http", c, call, self.queries, self.duration_s, probe=probe)
-
         self.bar.set_description(f"ragfan-http c={c}")
-        self.runs.append(asyncio.run(run()))
+        self.runs.append(http_run("ragfan-http", c, f"http://127.0.0.1:{self.port}/bench/v1/search", self.queries,
+                                  self.duration_s, probe))
         self.bar.update(1)
+
+
+def http_run(system: str, c: int, url: str, queries: Sequence[str], duration_s: float,
+             probe: ServedProbe | None = None) -> dict[str, Any]:
+    """Searches POSTed to `url` by c clients that share one AsyncClient, whose pool keeps c
+    connections open: no set-up per request."""
+    import httpx
+
+    async def run() -> dict[str, Any]:
+        limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+            async def call(q: str) -> None:
+                r = await http.post(url, json={"query": q, "top_k": TOP_K})
+                r.raise_for_status()
+
+            return await measure_async(system, c, call, queries, duration_s, probe=probe)
+
+    return asyncio.run(run())
 
 
 def machine() -> dict[str, Any]:

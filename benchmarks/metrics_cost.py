@@ -14,7 +14,6 @@ ratios.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -23,14 +22,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from benchmarks.bench import TOP_K, ServedProbe, machine, measure, measure_async, versions, workload
+from benchmarks.bench import TOP_K, ServedProbe, http_run, machine, measure, versions, workload
 
 CONCURRENCY = 32
 
 
 def _runs(config: Any, queries: list[str], duration_s: float, port: int) -> list[dict[str, Any]]:
     """One deployment of `config`: a c=32 run through the handle, then one over HTTP."""
-    import httpx
     from ray import serve
 
     from serve_app.app import app_from_config
@@ -40,18 +38,8 @@ def _runs(config: Any, queries: list[str], duration_s: float, port: int) -> list
     client = RagClient.from_handle(handle)
     probe = ServedProbe(handle)
     runs = [measure("handle", CONCURRENCY, lambda q: client.search_async(q, top_k=TOP_K), queries, duration_s,
-                    probe=probe)]
-
-    async def over_http() -> dict[str, Any]:
-        limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-            async def call(q: str) -> None:
-                r = await http.post(f"http://127.0.0.1:{port}/bench/v1/search", json={"query": q, "top_k": TOP_K})
-                r.raise_for_status()
-
-            return await measure_async("http", CONCURRENCY, call, queries, duration_s, probe=probe)
-
-    runs.append(asyncio.run(over_http()))
+                    probe=probe),
+            http_run("http", CONCURRENCY, f"http://127.0.0.1:{port}/bench/v1/search", queries, duration_s, probe)]
     serve.delete("ragfan-bench")
     return runs
 
