@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from actors.metrics import NO_INSTRUMENTS, Instrument
 from serve_app.fanout import Outcome
+from serve_app.lanes import CIRCUIT_OPEN
 
 if TYPE_CHECKING:
     from serve_app.config import AppConfig
@@ -41,7 +42,6 @@ RECENT_S = 60  # "failing": most outcomes not ok over this last stretch
 LATENCY_BASE_MS, LATENCY_RATIO = 0.1, 1.16
 
 STATUSES = ("ok", "timeout", "error", "skipped", "circuit_open")
-CIRCUIT_OPEN = "circuit open"  # the lanes' error text for a call skipped by an open breaker
 Answer = Literal["complete", "degraded", "failed"]
 BREAKER_LEVEL = {"closed": 0, "half_open": 1, "open": 2}  # ragfan_breaker_state
 

@@ -45,13 +45,13 @@ def manifest_application() -> dict:
     return app
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-METRICS_PORT = _free_port()
+METRICS_PORT = free_port()
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +62,7 @@ def metrics_port(cluster) -> int:
 
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
-    port = _free_port()
+    port = free_port()
     # `dense`: what KubeRay's dense worker pods advertise, so the manifest's dense retrievers can be placed
     with serve_env():
         ray.init(num_cpus=8, resources={"dense": DENSE_UNITS}, include_dashboard=False, log_to_driver=False,

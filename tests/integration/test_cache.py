@@ -24,16 +24,10 @@ from ray import serve
 from actors.ingest import ingest
 from serve_app.app import app_from_config
 from serve_app.config import parse_config
-from tests.integration.conftest import TINYBEIR, synthetic, wait_until
+from tests.integration.conftest import TINYBEIR, free_port, synthetic, wait_until
 
 pytestmark = pytest.mark.integration
 TTL_S = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
@@ -69,7 +63,7 @@ class RedisServer:
 
 @pytest.fixture(scope="module")
 def redis_server():
-    server = RedisServer(_free_port())
+    server = RedisServer(free_port())
     server.start()
     yield server
     server.kill()

@@ -13,41 +13,32 @@ import importlib.util
 import json
 import math
 import shutil
-import socket
 import subprocess
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 import yaml
 
-from serve_app.telemetry import CIRCUIT_OPEN
-from tests.integration.conftest import WATCH_KEY
+from serve_app.lanes import CIRCUIT_OPEN
+from tests.integration.conftest import ROOT, WATCH_KEY, free_port
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(PROMETHEUS is None, reason="Debian's prometheus is not installed: run `make debs`"),
 ]
-ROOT = Path(__file__).resolve().parents[2]
 AUTH = {"Authorization": f"Bearer {WATCH_KEY}"}
 WARM_UP = 6  # searches that open `failing`'s breakers and create every series before the counts start
 SEARCHES = 60  # the searches counted
 WATCH = 'application="watch"'
 SCRAPE_S = 3
 T = TypeVar("T")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def eventually(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 60) -> T:
@@ -72,7 +63,7 @@ def prometheus(metrics_port, tmp_path_factory) -> Iterator[str]:
         "global": {"scrape_interval": f"{SCRAPE_S}s", "scrape_timeout": f"{SCRAPE_S}s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
     }))
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     log_path = root / "prometheus.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
