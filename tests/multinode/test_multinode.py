@@ -23,7 +23,7 @@ from ray.cluster_utils import Cluster
 
 from serve_app.app import app_from_config, serve_env
 from serve_app.config import DEFAULT_CONFIG, parse_config
-from tests.integration.conftest import _free_port
+from tests.integration.conftest import free_port
 
 CORPUS = DEFAULT_CONFIG.parent / "data" / "corpus.jsonl"
 
@@ -40,7 +40,7 @@ def multinode():
             "general": cluster.add_node(num_cpus=1, resources={"general": 2}),
         }
     ray.init(address=cluster.address, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     retriever = {"kind": "synthetic", "data": str(CORPUS), "delay_ms": 20, "timeout_ms": 1000,
                  "circuit_breaker": {"failures": 3, "cooldown_s": 1.0}}
