@@ -214,7 +214,8 @@ class Guard:
         """`receive` for the app (replaying a body read here), None when the client left; raises to refuse."""
         path, root = scope.get("path", ""), scope.get("root_path", "")
         local = path[len(root):] if root and path.startswith(root) else path
-        if self.key_digests and local not in OPEN_PATHS:
+        # /dashboard/ too: the router answers it with a redirect to /dashboard, which holds nothing
+        if self.key_digests and local.rstrip("/") not in OPEN_PATHS:
             if not key_matches(_header(scope, b"authorization"), self.key_digests):
                 raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
         limit = self.max_body_bytes

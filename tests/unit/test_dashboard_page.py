@@ -49,6 +49,10 @@ def test_the_page_is_served_as_html_without_a_key(client):
     assert page.headers["content-type"].startswith("text/html")
     assert page.text == DASHBOARD.read_text(encoding="utf-8")
     assert client.get("/v1/stats").status_code == 401  # the figures are not open
+    redirected = client.get("/dashboard/", follow_redirects=False)  # a trailing slash, as people type it
+    assert redirected.status_code == 307 and redirected.headers["location"].endswith("/dashboard")
+    assert client.get("/dashboard/").text == page.text
+    assert client.get("/v1/stats/", follow_redirects=False).status_code == 401  # a slash opens nothing else
 
 
 def test_the_page_loads_nothing_from_another_origin():
