@@ -58,6 +58,12 @@ def target(expr: str, legend: str, ref: str) -> Target:
     return Target(expr=expr, legendFormat=legend, refId=ref, datasource=DATASOURCE)
 
 
+def p50_and_p99(histogram: str, by: str, legend: str = "") -> list[Target]:
+    """Two targets, A and B: the histogram's p50 and p99 per `by`, each legend ending in p50 or p99."""
+    return [target(quantile(q, histogram, by), f"{legend}p{round(q * 100)}", ref)
+            for q, ref in ((0.5, "A"), (0.99, "B"))]
+
+
 # -- the panels ------------------------------------------------------------------------------------
 SEARCHES = "ray_ragfan_searches_total"
 OUTCOMES = "ray_ragfan_retriever_outcomes_total"
@@ -81,17 +87,14 @@ def panels() -> list[Any]:
         TimeSeries(
             title="Search latency at the gateway",
             description="Whole-search latency, from the request's validation to its fused answer.",
-            targets=[target(quantile(q, "ray_ragfan_search_seconds", "application"), f"p{round(q * 100)}", ref)
-                     for q, ref in ((0.5, "A"), (0.99, "B"))],
+            targets=p50_and_p99("ray_ragfan_search_seconds", "application"),
             unit="s",
         ),
         TimeSeries(
             title="Retriever latency, p50 and p99",
             description="Each retriever's latency per search as the gateway saw it, timeouts and errors included "
                         "(a timeout counts at its deadline). Skipped calls took no time and are not counted.",
-            targets=[target(quantile(q, "ray_ragfan_retriever_seconds", "retriever"),
-                            f"{{{{retriever}}}} p{round(q * 100)}", ref)
-                     for q, ref in ((0.5, "A"), (0.99, "B"))],
+            targets=p50_and_p99("ray_ragfan_retriever_seconds", "retriever", legend="{{retriever}} "),
             unit="s",
         ),
         TimeSeries(
