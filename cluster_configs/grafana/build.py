@@ -14,6 +14,7 @@ the dashboard reads is exported, and that every expression runs.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
@@ -237,7 +238,10 @@ def metric_names(expr: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0]) if argv else OUT
+    parser = argparse.ArgumentParser(description="Write ragfan's Grafana dashboard JSON from its panels.")
+    parser.add_argument("out", nargs="?", type=Path, default=OUT,
+                        help=f"where to write it (default: {OUT.name} beside this script)")
+    out = parser.parse_args(argv).out
     out.write_text(render(), encoding="utf-8")
     board = json.loads(out.read_text(encoding="utf-8"))
     print(f"wrote {out}: {len(board['panels'])} panels, {len(list(expressions(board)))} queries")
