@@ -194,9 +194,9 @@ def guard_url(cluster, broken_index, tmp_path_factory) -> str:
             "retrievers": [
                 synthetic("steady", delay_ms=20),
                 # steady2 answers while steady is killed. When a gateway replica dies, Ray holds the
-                # calls the other replica sends at that instant to steady2 for about 2 s (steady2's
-                # worker is still reporting to the dead caller; docs/RELIABILITY.md): a deadline
-                # above that lets the kill test count lost searches, not that stall.
+                # calls the other replica sends at that instant to steady2 for about 2 s, until
+                # steady2's worker gives up reporting to the dead caller, it appears (docs/RELIABILITY.md):
+                # a deadline above that lets the kill test count lost searches, not that stall.
                 synthetic("steady2", delay_ms=20, timeout_ms=10000),
                 {"name": "broken", "kind": "keyword", "artifacts": str(broken_index),
                  "ray_actor_options": {"num_cpus": 0.1}},
