@@ -147,12 +147,21 @@ def http():
 
 
 def replica_actors(app: str, deployment: str) -> list:
+    """Handles to the deployment's live replica actors.
+
+    A replica can stop between the listing and the lookup (a downscale, or a kill a test made);
+    `ray.get_actor` then raises ValueError, and that replica is not counted, as it is gone.
+    """
     prefix = f"SERVE_REPLICA::{app}#{deployment}#"
-    return [
-        ray.get_actor(a["name"], namespace=a["namespace"])
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if a["name"].startswith(prefix)
-    ]
+    handles = []
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if not a["name"].startswith(prefix):
+            continue
+        try:
+            handles.append(ray.get_actor(a["name"], namespace=a["namespace"]))
+        except ValueError:
+            continue
+    return handles
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.25) -> float:
