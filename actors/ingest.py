@@ -7,24 +7,40 @@ symlink to the version written last (`index.swap_in`): a rebuild writes a new ve
 and checked, then replaces the link in one atomic rename, so a reader never finds the path missing
 and a crash leaves the old version in place. A second run on an unchanged source with the same
 settings reuses what is there.
+
+A run on a changed source is incremental. Each version keeps the sha256 of every chunk's text
+(`hashes.json`, in index order, checksummed by the manifest like every file). The next run cuts
+the new source into chunks, matches them to the current version's by chunk id and text hash, and
+embeds only the chunks that are new or whose text changed; the others take their stored vectors
+back from the current index (`reconstruct_n`, exact for flat and HNSW-flat). Chunks of documents
+that are gone are dropped. The index (flat or HNSW), the BM25 matrices and the document store are
+then rebuilt whole from the new chunks and swapped in as a new version, as a full build is, so the
+result is the index a full rebuild would give. An incremental build needs the same model, text
+field, chunking and index type as the current version; otherwise, or with `full=True`
+(`ragfan ingest --full`), everything is embedded again, and the run says why. The manifest and
+the report count the chunks `added`, `changed`, `removed` and `reused` (taken over unchanged).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
+import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
 from actors.data import read_aliases, read_triples
 from actors.dense import DenseRetriever, IndexType, make_index
+from actors.docstore import DocStore
 from actors.embedder import DEFAULT_MODEL, SharedEncoderVectors, resolve_model
 from actors.errors import DataError
 from actors.index import FORMAT_VERSION, MANIFEST, swap_in, verify
@@ -35,16 +51,42 @@ from actors.types import Document
 
 KINDS = ("dense", "keyword", "graph")
 SHARD = 256
+HASHES = "hashes.json"  # the sha256 of each chunk's text, in index order: what the next run compares with
+Mode = Literal["reused", "incremental", "full"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkCounts:
+    """How the chunks of a version differ from the version before, matched by chunk id and text hash.
+
+    `reused`: unchanged chunks, whose vectors were taken over (a keyword index is rebuilt whole from
+    all of them anyway). A full build counts every chunk as added.
+    """
+
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    reused: int = 0
 
 
 @dataclass
 class KindReport:
     kind: str
     path: Path
-    reused: bool
+    reused: bool  # the version found was kept as it is: the source and settings are unchanged
     num_docs: int
     seconds: float
     docs_per_s: float | None = None
+    mode: Mode = "full"
+    chunks: ChunkCounts = field(default_factory=ChunkCounts)
+    embedded: int = 0  # texts embedded by this run (dense)
+    note: str = ""  # why a version that was there was rebuilt in full
+
+
+class Embed(Protocol):
+    """What embeds the chunks' texts: `embed_on_cluster`, or a stand-in in tests."""
+
+    def __call__(self, texts: Sequence[str], model: str, *, progress: bool) -> np.ndarray: ...
 
 
 def _embedder_actor():
@@ -146,6 +188,63 @@ def _settings_match(directory: Path, wanted: dict[str, Any]) -> bool:
     return all(manifest.get(key) == value for key, value in wanted.items())
 
 
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Previous:
+    """The version an incremental build starts from: its directory, chunk ids and text hashes, in index order."""
+
+    directory: Path  # the version itself, not the link: a swap may replace the link while we read
+    ids: list[str]
+    hashes: list[str]
+
+
+def previous_version(target: Path, wanted: dict[str, Any]) -> Previous | str | None:
+    """The current version at `target` if an incremental build can start from it; else why not
+    (a string, the message of a full rebuild), or None when there is no version yet."""
+    if not (target / MANIFEST).is_file():
+        return None
+    directory = target.resolve()
+    try:
+        manifest = verify(directory)
+    except DataError as exc:
+        return f"the current version failed its check ({exc})"
+    differs = [key for key in wanted if key != "source_sha256" and manifest.get(key) != wanted[key]]
+    if differs:
+        return "settings changed: " + ", ".join(f"{k} {manifest.get(k)!r} -> {wanted[k]!r}" for k in differs)
+    if HASHES not in manifest.get("files", {}):
+        return f"the current version has no {HASHES} (written by an older ragfan)"
+    hashes = json.loads((directory / HASHES).read_text())
+    ids = [d.doc_id for d in DocStore(directory)]
+    if len(ids) != len(hashes) or len(ids) != manifest.get("num_docs"):
+        return f"the current version holds {len(ids)} chunks but {len(hashes)} hashes"
+    return Previous(directory, ids, hashes)
+
+
+def diff(ids: Sequence[str], hashes: Sequence[str], previous: Previous) -> tuple[ChunkCounts, dict[int, int]]:
+    """Counts, and for each chunk that is unchanged, the position of its vector in `previous`.
+
+    A chunk is unchanged when the version before holds the same id with the same text hash; changed
+    when it holds the id with other text; added when it lacks the id. Ids it holds that are no
+    longer there are removed.
+    """
+    before = {key: pos for pos, key in enumerate(zip(previous.ids, previous.hashes, strict=True))}
+    known = set(previous.ids)
+    keep: dict[int, int] = {}
+    added = changed = 0
+    for pos, key in enumerate(zip(ids, hashes, strict=True)):
+        if key in before:
+            keep[pos] = before[key]
+        elif key[0] in known:
+            changed += 1
+        else:
+            added += 1
+    removed = len(known - set(ids))
+    return ChunkCounts(added=added, changed=changed, removed=removed, reused=len(keep)), keep
+
+
 def ingest(
     source: Path,
     out: Path,
@@ -160,11 +259,15 @@ def ingest(
     aliases: Path | None = None,
     progress: bool = True,
     shards: int = 1,
+    full: bool = False,
+    embed: Embed | None = None,
 ) -> list[KindReport]:
     """Build (or reuse) one artifact directory per kind under `out`. Needs `ray.init()` for dense.
 
     With `shards` > 1 the dense index is split by document into `out/dense/shard-i-of-N/`, one
-    complete artifact directory per shard (see actors/shards.py).
+    complete artifact directory per shard (see actors/shards.py), each updated incrementally on
+    its own. `full` embeds everything again, even an unchanged source. `embed` replaces
+    `embed_on_cluster` (tests pass one that needs no Ray).
     """
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -191,10 +294,19 @@ def ingest(
             wanted["shard"] = list(shard)
             target = shard_dir(target, *shard)
         started = time.perf_counter()
-        if _settings_match(target, wanted):
+        if not full and _settings_match(target, wanted):
             manifest = verify(target)
-            reports.append(KindReport(kind, target, True, manifest["num_docs"], time.perf_counter() - started))
+            reports.append(KindReport(kind, target, True, manifest["num_docs"], time.perf_counter() - started,
+                                      mode="reused", chunks=ChunkCounts(reused=manifest["num_docs"])))
             continue
+        label = kind if shard is None else f"{kind} shard {shard[0]} of {shard[1]}"
+        previous = None if full else previous_version(target, wanted)
+        note = "asked for (--full)" if full and (target / MANIFEST).is_file() else ""
+        if isinstance(previous, str):
+            note, previous = previous, None
+        if note and progress:
+            again = ", every chunk embedded again" if kind == "dense" else ""
+            tqdm.write(f"{label}: full rebuild{again}: {note}", file=sys.stderr)
         if docs is None:
             docs = list(chunk(read_source(source, text_field=text_field), max_words=max_words, overlap=overlap))
             if not docs:
@@ -204,10 +316,15 @@ def ingest(
         if shard is not None and not part:
             raise DataError(f"{source}: shard {shard[0]} of {shard[1]} would hold no documents; use fewer shards")
         target.parent.mkdir(parents=True, exist_ok=True)
-        swap_in(target, build=partial(_build, kind, part, extra, model=model, index_type=index_type, progress=progress))
+        if note:
+            extra["full_rebuild"] = note
+        swap_in(target, build=partial(_build, kind, part, extra, previous=previous, model=model,
+                                      index_type=index_type, progress=progress, embed=embed or embed_on_cluster))
         manifest = verify(target)
         reports.append(KindReport(
-            kind, target, False, manifest["num_docs"], time.perf_counter() - started, manifest.get("embed_docs_per_s")
+            kind, target, False, manifest["num_docs"], time.perf_counter() - started, manifest.get("embed_docs_per_s"),
+            mode=manifest["build"], chunks=ChunkCounts(**manifest["chunks"]), embedded=manifest.get("embedded", 0),
+            note=note,
         ))
     if "graph" in kinds:
         reports.append(_ingest_graph(triples or source, aliases, out / "graph", model))
@@ -215,14 +332,24 @@ def ingest(
 
 
 def _build(
-    kind: str, docs: list[Document], extra: dict[str, Any], directory: Path, *, model: str, index_type: IndexType,
-    progress: bool,
+    kind: str, docs: list[Document], extra: dict[str, Any], directory: Path, *, previous: Previous | None,
+    model: str, index_type: IndexType, progress: bool, embed: Embed,
 ) -> dict[str, Any]:
-    if kind == "keyword":
-        return {**KeywordRetriever(name=kind, documents=docs).save(directory), **extra}
+    hashes = [text_sha256(d.text) for d in docs]
+    keep: dict[int, int] = {}  # new position -> position in `previous` of the vector it takes over
+    if previous is None:
+        counts = ChunkCounts(added=len(docs))
+    else:
+        counts, keep = diff([d.doc_id for d in docs], hashes, previous)
+    (directory / HASHES).write_text(json.dumps(hashes))
+    fields = {"build": "full" if previous is None else "incremental", "chunks": asdict(counts)}
+    if kind == "keyword":  # BM25 has no vectors to keep: rebuilt from every chunk, in a second or two
+        return {**KeywordRetriever(name=kind, documents=docs).save(directory), **extra, **fields}
+    fresh = [i for i in range(len(docs)) if i not in keep]
     started = time.perf_counter()
-    vectors = embed_on_cluster([d.text for d in docs], model, progress=progress)
-    rate = len(docs) / (time.perf_counter() - started)
+    embedded = embed([docs[i].text for i in fresh], model, progress=progress) if fresh else None
+    seconds = time.perf_counter() - started
+    vectors = _assemble(len(docs), keep, previous, fresh, embedded)
     dense = DenseRetriever(
         name=kind,
         documents=docs,
@@ -230,7 +357,29 @@ def _build(
         embedder=SharedEncoderVectors(resolve_model(model)[0], vectors.shape[1]),
         index_type=index_type,
     )
-    return {**dense.save(directory), **extra, "embed_docs_per_s": round(rate, 1)}
+    rate = {"embed_docs_per_s": round(len(fresh) / seconds, 1)} if fresh else {}
+    return {**dense.save(directory), **extra, **fields, "embedded": len(fresh), **rate}
+
+
+def _assemble(
+    n: int, keep: dict[int, int], previous: Previous | None, fresh: list[int], embedded: np.ndarray | None
+) -> np.ndarray:
+    """The vectors of the new version in its order: the kept ones read back from `previous`, the rest embedded."""
+    stored: np.ndarray | None = None
+    if keep:
+        assert previous is not None
+        old = faiss.read_index(str(previous.directory / "index.faiss"))
+        stored = old.reconstruct_n(0, old.ntotal)  # exact for flat and for HNSW-flat (its flat storage)
+    dim = stored.shape[1] if stored is not None else embedded.shape[1] if embedded is not None else 0
+    if embedded is not None and embedded.shape[1] != dim:
+        raise DataError(f"the model gives {embedded.shape[1]} dimensions, the current index {dim}; "
+                        "rebuild with `ragfan ingest --full`")
+    vectors = np.empty((n, dim), dtype=np.float32)
+    if stored is not None:
+        vectors[list(keep)] = stored[list(keep.values())]
+    if embedded is not None:
+        vectors[fresh] = embedded
+    return vectors
 
 
 def _ingest_graph(triples: Path, aliases: Path | None, target: Path, model: str) -> KindReport:
@@ -243,7 +392,8 @@ def _ingest_graph(triples: Path, aliases: Path | None, target: Path, model: str)
     }
     if _settings_match(target, wanted):
         manifest = verify(target)
-        return KindReport("graph", target, True, manifest["num_docs"], time.perf_counter() - started)
+        return KindReport("graph", target, True, manifest["num_docs"], time.perf_counter() - started,
+                          mode="reused", chunks=ChunkCounts(reused=manifest["num_docs"]))
     facts = read_triples(triples)
     alias_map = read_aliases(aliases)
 
@@ -256,4 +406,5 @@ def _ingest_graph(triples: Path, aliases: Path | None, target: Path, model: str)
         return {**wanted, "num_docs": len(facts), "source": str(triples)}
 
     swap_in(target, build=build)
-    return KindReport("graph", target, False, len(facts), time.perf_counter() - started)
+    return KindReport("graph", target, False, len(facts), time.perf_counter() - started,
+                      chunks=ChunkCounts(added=len(facts)))  # the triples are small: always rebuilt whole

@@ -69,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ingest_p.add_argument("--address", help="Ray cluster to embed on (default: start a local one)")
     ingest_p.add_argument("--shards", type=int, default=1,
                           help="split the dense index by document into N parts, OUT/dense/shard-i-of-N (default 1)")
+    ingest_p.add_argument("--full", action="store_true",
+                          help="rebuild everything, embedding every chunk again (default: a changed source "
+                               "embeds only its new and changed chunks)")
 
     eval_p = sub.add_parser("eval", help="nDCG@10 / R@100 / MRR@10 on a BEIR dataset through the served fan-out")
     eval_p.add_argument("dataset", help="BEIR dataset directory: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
@@ -258,17 +261,24 @@ def ingest_command(args: argparse.Namespace) -> int:
             triples=triples,
             aliases=Path(args.aliases) if args.aliases else None,
             shards=args.shards,
+            full=args.full,
         )
     except ValueError as exc:
         raise RagError(str(exc)) from None
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    print(f"{'kind':<8} {'status':<7} {'docs':>8} {'seconds':>8} {'docs/s':>8}  path")
+    # docs: the chunks in the index; added .. reused: chunks against the version before; embedded: by this run
+    print(f"{'kind':<8} {'status':<11} {'docs':>8} {'added':>7} {'changed':>7} {'removed':>7} {'reused':>8} "
+          f"{'embedded':>8} {'seconds':>8} {'docs/s':>8}  path")
     for r in reports:
         rate = f"{r.docs_per_s:.1f}" if r.docs_per_s else "-"
-        status = "reused" if r.reused else "built"
-        print(f"{r.kind:<8} {status:<7} {r.num_docs:>8} {r.seconds:>8.1f} {rate:>8}  {r.path}")
+        c = r.chunks
+        print(f"{r.kind:<8} {r.mode:<11} {r.num_docs:>8} {c.added:>7} {c.changed:>7} {c.removed:>7} {c.reused:>8} "
+              f"{r.embedded:>8} {r.seconds:>8.1f} {rate:>8}  {r.path}")
+    for r in reports:
+        if r.note:
+            print(f"{r.kind} at {r.path}: full rebuild: {r.note}")
     return 0
 
 
