@@ -11,6 +11,13 @@ at most `max_concurrent_batches` at a time, and its event loop stays free to acc
 A cancelled call (the gateway's deadline passed) cannot stop its thread, so `SearchRunner` hands
 each search a `CancelToken` and sets it: the search stops at its next stage or batch boundary, and
 the call keeps its slot until it has. `/v1/retrievers` shows the counts (`calls`).
+
+A replica serves one index version at a time and changes it while serving (actors/versions.py).
+It opens the version the app's VersionHub has pinned, or the link's when none is pinned yet, and
+follows the pin: a new one is opened and verified in a worker thread beside the one being served,
+then swapped in with one assignment. A batch already running finishes on the version it started
+with, and every answer says which version searched it (`Searched`). For that moment both versions
+are in memory.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from ray import serve
 
 from actors.base import Retriever
 from actors.embedder import limit_threads
-from actors.errors import Cancelled
-from actors.factory import RetrieverSpec, fingerprint, open_retriever
-from actors.types import CancelToken, Hit, Query, Unavailable
+from actors.errors import Cancelled, Conflict, RagError
+from actors.factory import RetrieverSpec, fingerprint, open_retriever, verify_version
+from actors.types import CancelToken, Hit, Query, Searched, Unavailable
+from actors.versions import SYNC_WAIT_S, reloadable, version_now
 
 logger = logging.getLogger("ray.serve")
 
@@ -47,11 +55,13 @@ class SearchRunner:
         self._slots = asyncio.Semaphore(max_concurrent)
         self.counts = dict.fromkeys(("started", "running", "cancelled", "stopped_early"), 0)
 
-    async def __call__(self, queries: Sequence[Query]) -> list[list[Hit]]:
+    async def __call__(self, queries: Sequence[Query], search: Callable[..., list[list[Hit]]] | None = None
+                       ) -> list[list[Hit]]:
+        """`search` (default: the runner's own) on `queries` in a worker thread."""
         async with self._slots:
             cancel = CancelToken()
             # Encoding and index search hold the GIL for milliseconds: keep them off the event loop.
-            work = asyncio.ensure_future(asyncio.to_thread(self._search, queries, cancel=cancel))
+            work = asyncio.ensure_future(asyncio.to_thread(search or self._search, queries, cancel=cancel))
             self.counts["started"] += 1
             self.counts["running"] += 1
             work.add_done_callback(self._ended)
@@ -73,30 +83,102 @@ class SearchRunner:
 
 @serve.deployment(logging_config={"enable_access_log": False})
 class RetrieverDeployment:
-    def __init__(self, spec: RetrieverSpec, *, num_cpus: float = 1.0, max_concurrent_batches: int = 1) -> None:
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
+        self, spec: RetrieverSpec, *, num_cpus: float = 1.0, max_concurrent_batches: int = 1, versions: Any = None
+    ) -> None:
+        """`versions`: the handle of the app's VersionHub (actors/versions.py); None: serve the link's version."""
         self.spec = spec
         self.threads = limit_threads(num_cpus, torch=spec.needs_model)
+        context = serve.get_replica_context()
+        self.deployment, self.member = context.deployment, context.replica_id.unique_id
+        self.versions = versions
         self.retriever: Retriever | None = None
-        self.start_error: str | None = None
+        self.version: str | None = None  # the index version this replica serves (actors/versions.py)
         self.fingerprint: str | None = None  # what the result cache keys this retriever's answers by
+        self.start_error: str | None = None
+        pinned = await self._pinned()
         try:
-            # Named before opening: if a rebuild swaps in between, answers of the newer index go under the
-            # older name, which readers of the newer one never ask for; never the other way round.
-            self.fingerprint = fingerprint(spec)
-            self.retriever = open_retriever(spec)
-            if spec.kind != "synthetic":  # synthetic retrievers only sleep: nothing lazy to warm up
-                # Pay torch's and FAISS's lazy first-call set-up here, not in the first user's deadline.
-                self.retriever.search([self._warm_up_query(self.retriever)])
+            self.retriever, self.version, self.fingerprint = await asyncio.to_thread(self._open, pinned)
         except Exception as exc:
             # Stay up and say why, instead of failing the whole app: the gateway degrades answers
             # without this retriever, and /v1/retrievers shows the reason.
-            self.retriever = None
             self.start_error = f"failed to start: {type(exc).__name__}: {exc}"[:500]
             logger.error("retriever %s (%s) %s", spec.name, spec.kind, self.start_error)
         self.runner: SearchRunner | None = None
+        self._max_concurrent = max_concurrent_batches
         if self.retriever is not None:
             self.runner = SearchRunner(self.retriever.search, max_concurrent=max_concurrent_batches)
-            logger.info("retriever %s (%s) ready: %s", spec.name, spec.kind, self.retriever.describe())
+            logger.info("retriever %s (%s) ready, version %s: %s", spec.name, spec.kind, self.version,
+                        self.retriever.describe())
+        self._following = asyncio.get_running_loop().create_task(self._follow()) if versions is not None else None
+
+    async def _pinned(self) -> str | None:
+        """The version the other replicas serve, as the hub has it pinned; None: none yet, or no hub."""
+        if self.versions is None or self.spec.kind == "synthetic":
+            return None
+        try:
+            pins = await asyncio.wait_for(self.versions.sync.remote(self.member, {self.deployment: None}), 30)
+            return pins.get(self.deployment)
+        except Exception as exc:  # no hub to ask: serve the link's version, and report it when the hub is back
+            logger.warning("retriever %s: the version hub did not answer (%s); opening the current version",
+                           self.spec.name, exc)
+            return None
+
+    def _open(self, version: str | None) -> tuple[Retriever, str | None, str]:
+        """Load and warm up `version` (None: the link's now); returns (retriever, version, fingerprint).
+
+        Runs in a worker thread, beside the version being served. For artifacts, the version is named
+        before opening: if a rebuild swaps the link in between, this still opens the named one.
+        """
+        spec = self.spec
+        if version is None and spec.kind != "synthetic":
+            version = version_now(spec)
+        if spec.artifacts is None and version is not None and version != version_now(spec):
+            # a data file has no older versions on disk: open it as it is now, and say which version that is
+            logger.warning("retriever %s: %s was pinned, but its data file is now %s; serving the file as it is",
+                           spec.name, version, version_now(spec))
+            version = version_now(spec)
+        pinned = version if spec.artifacts is not None else None
+        retriever = open_retriever(spec, version=pinned)
+        if spec.kind != "synthetic":  # synthetic retrievers only sleep: nothing lazy to warm up
+            # Pay torch's and FAISS's lazy first-call set-up here, not in the first user's deadline.
+            retriever.search([self._warm_up_query(retriever)])
+        return retriever, version, fingerprint(spec, pinned)
+
+    async def _follow(self) -> None:
+        """Report what this replica serves to the hub, and open each version it pins, forever."""
+        known = self.version  # the pin this replica last acted on: opened, or failed to open
+        failed: dict[str, tuple[str, str]] = {}
+        while True:
+            try:
+                pins = await self.versions.sync.remote(
+                    self.member, {self.deployment: self.version}, known={self.deployment: known}, failed=failed,
+                    wait_s=SYNC_WAIT_S,
+                )
+            except Exception as exc:  # the hub is restarting: report again shortly
+                logger.debug("retriever %s: version hub: %s", self.spec.name, exc)
+                await asyncio.sleep(1.0)
+                continue
+            pin = pins.get(self.deployment)
+            if pin is None or pin == known:
+                continue
+            known, failed = pin, {}
+            if pin == self.version:
+                continue
+            try:
+                retriever, version, fp = await asyncio.to_thread(self._open, pin)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"[:500]
+                logger.error("retriever %s: version %s refused, still serving %s: %s",
+                             self.spec.name, pin, self.version, reason)
+                failed = {self.deployment: (pin, reason)}
+                continue
+            before = self.version
+            # The swap: searches already running finish on the retriever they started with.
+            self.retriever, self.version, self.fingerprint = retriever, version, fp
+            if self.runner is None:  # it had failed to start: a fixed index brings it back
+                self.runner, self.start_error = SearchRunner(retriever.search, max_concurrent=self._max_concurrent), None
+            logger.info("retriever %s: now serving version %s (was %s)", self.spec.name, version, before)
 
     def _warm_up_query(self, retriever: Retriever) -> Query:
         if self.spec.shared_encoder:  # a unit vector of the index's dimension stands in for an encoded query
@@ -104,12 +186,32 @@ class RetrieverDeployment:
             return Query(text="warm-up query", top_k=1, vector=np.eye(1, dim, dtype=np.float32)[0])
         return Query(text="warm-up query", top_k=1)
 
-    async def search(self, queries: list[Query]) -> list[list[Hit]] | Unavailable:
-        """One hit list per query, in order."""
-        if self.runner is None:
+    async def search(self, queries: list[Query]) -> Searched | Unavailable:
+        """One hit list per query, in order, and the version that answered."""
+        if self.runner is None or self.retriever is None:
             # An answer, not an exception: Serve would log a traceback for every request.
             return Unavailable(f"{self.spec.name} {self.start_error}")
-        return await self.runner(queries)
+        retriever, version = self.retriever, self.version  # one version for the whole batch
+        return Searched(await self.runner(queries, retriever.search), version)
+
+    async def check_version(self) -> dict[str, Any]:
+        """Verify the version the link points to now, without serving it: {version, model, dim}.
+
+        Raises Conflict naming the problem: a synthetic retriever, a missing or corrupt file, or
+        another model than this retriever's."""
+        reloadable(self.spec)
+        try:
+            version = await asyncio.to_thread(version_now, self.spec)
+            if self.spec.artifacts is None:  # a data file: each replica checks it as it opens it
+                return {"version": version, "model": None, "dim": None}
+            manifest = await asyncio.to_thread(verify_version, self.spec, version)
+        except RagError as exc:
+            raise Conflict(f"{self.spec.name}: the new version is refused: {exc.message}") from None
+        return {"version": version, "model": manifest.get("model"), "dim": manifest.get("dim")}
+
+    def version_now(self) -> str:
+        """The version the link points to now (cheap: one readlink), for `reload.watch_s`."""
+        return version_now(self.spec)
 
     def describe(self) -> dict[str, Any]:
         base = {
@@ -121,6 +223,8 @@ class RetrieverDeployment:
             "node_id": ray.get_runtime_context().get_node_id(),  # where the scheduler placed this replica
             "calls": dict(self.runner.counts) if self.runner else {},
             "fingerprint": self.fingerprint,
+            "version": self.version,
+            "replica": self.member,
             **({"shard": list(self.spec.shard)} if self.spec.shard else {}),
         }
         if self.retriever is None:

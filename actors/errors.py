@@ -8,6 +8,8 @@
     │   └── MalformedRequest        400  the request cannot be read: a Content-Length that is not a number
     ├── Unauthorized                401  API keys are on and the request has no valid one
     ├── NotFound                    404  the app does not offer this (GET /v1/stats with gateway.metrics: false)
+    ├── Conflict                    409  the request cannot be carried out in the state the data is in: a
+    │                                    reload of a version that fails verification, or of a kind with no index
     ├── PayloadTooLarge             413  the body is over gateway.max_body_bytes
     └── ServiceUnavailable          503  try again after `retry_after_s`
         ├── Overloaded                   the gateway is at its queue limit (Serve's backpressure)
@@ -115,6 +117,12 @@ class NotFound(RagError):
     status_code = 404
 
 
+class Conflict(RagError):
+    """The app cannot do this with the data as it is: the message says what is wrong and what to do."""
+
+    status_code = 409
+
+
 class PayloadTooLarge(RagError):
     """The request body is over the gateway's limit."""
 
@@ -169,6 +177,6 @@ def _rebuild(cls: type[RagError], message: str, kwargs: dict[str, Any]) -> RagEr
 
 
 __all__ = sorted([
-    "Cancelled", "ConfigError", "DataError", "InvalidRequest", "MalformedRequest", "NoRetrieverAvailable", "Overloaded",
-    "PayloadTooLarge", "RagError", "RetrieverFailed", "ServiceUnavailable", "Unauthorized",
+    "Cancelled", "ConfigError", "Conflict", "DataError", "InvalidRequest", "MalformedRequest", "NoRetrieverAvailable",
+    "Overloaded", "PayloadTooLarge", "RagError", "RetrieverFailed", "ServiceUnavailable", "Unauthorized",
 ])

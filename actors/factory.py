@@ -24,9 +24,10 @@ from actors.errors import DataError, RetrieverFailed
 from actors.graph import GraphRetriever, entity_names, fact_sentence
 from actors.index import build_key, default_cache_dir, load_or_build, sha256_file, verify
 from actors.keyword import KeywordRetriever
-from actors.shards import shard_dir, shard_of
+from actors.shards import shard_of
 from actors.spec import DenseOptions, GraphOptions, KeywordOptions, RetrieverSpec
 from actors.synthetic import SyntheticRetriever
+from actors.versions import link_path, version_dir
 
 logger = logging.getLogger("ragfan")
 
@@ -139,19 +140,18 @@ def build_missing(spec: RetrieverSpec, encode: Encode) -> bool:
     return load_or_build(target, build=build, load=lambda d, m: None)[1]
 
 
-def fingerprint(spec: RetrieverSpec) -> str:
+def fingerprint(spec: RetrieverSpec, version: str | None = None) -> str:
     """A short name for exactly what this retriever answers from; the result cache keys its answers by it.
 
     It covers the kind's options, the model, and the checksums of the data: the manifest of built
-    artifacts (which lists each file's checksum), or the source file, and a graph's aliases. A
-    re-ingest or another model gives another fingerprint, so cached answers of the old index are
-    never served for the new one.
+    artifacts (which lists each file's checksum) of `version` (default: the link's now), or the
+    source file, and a graph's aliases. A re-ingest or another model gives another fingerprint, so
+    cached answers of the old index are never served for the new one.
     """
     digest = hashlib.sha256(spec.options.model_dump_json().encode())
     digest.update(f"{spec.model_name}|{spec.shard}".encode())
     if spec.artifacts is not None:
-        directory = spec.artifacts_dir if spec.shard is None else shard_dir(spec.artifacts_dir, *spec.shard)
-        digest.update((directory.resolve() / "manifest.json").read_bytes())
+        digest.update((_artifacts_dir(spec, version) / "manifest.json").read_bytes())
     else:
         digest.update(sha256_file(spec.data_file).encode())
     if isinstance(spec.options, GraphOptions) and spec.options.aliases is not None:
@@ -159,13 +159,39 @@ def fingerprint(spec: RetrieverSpec) -> str:
     return digest.hexdigest()[:16]
 
 
+def _artifacts_dir(spec: RetrieverSpec, version: str | None) -> Path:
+    """The directory of `version`, or of the version the link points to now: one version throughout,
+    as a rebuild may swap the link while a replica reads."""
+    return version_dir(spec, version) if version is not None else spec_link(spec).resolve()
+
+
+def spec_link(spec: RetrieverSpec) -> Path:
+    link = link_path(spec)
+    if link is None:
+        raise ValueError(f"{spec.name} opens from a data file, not from artifacts")
+    return link
+
+
+def verify_version(spec: RetrieverSpec, version: str) -> dict[str, Any]:
+    """Check `version` of an artifacts retriever without loading it: every file's checksum, its kind,
+    and its model against this retriever's (the encoder's). Returns its manifest; raises DataError or
+    RetrieverFailed naming the problem."""
+    directory = _artifacts_dir(spec, version)
+    if not (directory / "manifest.json").is_file():
+        raise DataError(f"{directory / 'manifest.json'}: not found; build the index with `ragfan ingest`")
+    manifest = verify(directory)
+    if manifest.get("kind") != spec.kind:
+        raise DataError(f"{directory}: holds a {manifest.get('kind')!r} index, but {spec.name} is kind {spec.kind!r}")
+    if spec.kind != "keyword":
+        _check_model(spec, directory, manifest)
+    return manifest
+
+
 # -- opening ----------------------------------------------------------------------------------
-def open_artifacts(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
-    """Load a retriever from the artifacts `ragfan ingest` wrote, after checking them."""
-    directory = spec.artifacts_dir
-    if spec.shard is not None:
-        directory = shard_dir(directory, *spec.shard)
-    directory = directory.resolve()  # one version throughout: a rebuild may swap the link while we read
+def open_artifacts(spec: RetrieverSpec, *, version: str | None = None, progress: bool = False) -> Retriever:
+    """Load a retriever from the artifacts `ragfan ingest` wrote (`version`, or the link's now), after
+    checking them."""
+    directory = _artifacts_dir(spec, version)
     if not (directory / "manifest.json").is_file():
         raise DataError(
             f"{directory / 'manifest.json'}: not found; build the index with "
@@ -181,7 +207,9 @@ def open_artifacts(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
     if spec.kind == "dense":
         return DenseRetriever.load(directory, manifest, name=spec.name, embedder=_query_embedder(spec, manifest["dim"]))
     if isinstance(spec.options, GraphOptions):
-        return _open_graph(spec, spec.options, directory / "aliases.json", progress=progress)
+        # the triples of this version, not of whatever the link points to by the time they are read
+        pinned = spec.model_copy(update={"artifacts": directory})
+        return _open_graph(pinned, spec.options, directory / "aliases.json", progress=progress)
     raise DataError(f"{spec.name}: kind {spec.kind!r} has no artifacts; use `data`")
 
 
@@ -207,10 +235,13 @@ def _open_graph(spec: RetrieverSpec, options: GraphOptions, aliases: Path | None
     )
 
 
-def open_retriever(spec: RetrieverSpec, *, progress: bool = False) -> Retriever:
-    """Load a retriever, building and caching its index first if needed (with a model of its own)."""
+def open_retriever(spec: RetrieverSpec, *, version: str | None = None, progress: bool = False) -> Retriever:
+    """Load a retriever, building and caching its index first if needed (with a model of its own).
+
+    `version`: which version of its artifacts to open (actors/versions.py); None opens the link's.
+    A `data:` retriever opens its file as it is now."""
     if spec.artifacts is not None:
-        return open_artifacts(spec, progress=progress)
+        return open_artifacts(spec, version=version, progress=progress)
     options = spec.options
     if isinstance(options, DenseOptions):
         source_sha256 = sha256_file(spec.data_file)

@@ -77,6 +77,14 @@ def filter_text(value: FilterValue) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Searched:
+    """A replica's answer to a batch: one hit list per query, and the index version that answered them."""
+
+    hits: list[list[Hit]]
+    version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Unavailable:
     """What a retriever that failed to start answers instead of hits: the reason."""
 

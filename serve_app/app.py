@@ -14,8 +14,10 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
+import ray
 from fastapi import FastAPI
 from pydantic import BaseModel
 from ray import serve
@@ -24,6 +26,7 @@ from ray.serve import Application, Deployment
 from actors.deployment import RetrieverDeployment
 from actors.encoder import EncoderDeployment, encoder_name
 from actors.metrics import ray_instruments
+from actors.versions import VersionHub
 from serve_app.config import AppConfig, check_startable, file_problems, load_config
 from serve_app.gateway import Gateway
 from serve_app.http import build_api, digest, load_api_keys
@@ -50,12 +53,29 @@ class GatewayDeployment(Gateway):
         *,
         stats_hub: Any = None,
         api_key_digests: tuple[bytes, ...] = (),
+        versions: Any = None,
     ) -> None:
         telemetry = Telemetry.of(config, instruments=ray_instruments()) if config.gateway.metrics else None
-        replica = serve.get_replica_context().replica_id.unique_id
-        super().__init__(config, retrievers, encoders, telemetry=telemetry, stats_hub=stats_hub, replica=replica)
+        context = serve.get_replica_context()
+        super().__init__(config, retrievers, encoders, telemetry=telemetry, stats_hub=stats_hub,
+                         replica=context.replica_id.unique_id, versions=versions,
+                         live=partial(live_replicas, context.app_name))
         self.api_key_digests = api_key_digests
-        self._pushing = asyncio.get_running_loop().create_task(self._push_forever()) if telemetry else None
+        loop = asyncio.get_running_loop()
+        self._pushing = loop.create_task(self._push_forever()) if telemetry else None
+        self._following = loop.create_task(self._follow_forever()) if versions is not None else None
+        self._watching = [
+            loop.create_task(self.reloader.watch(r.name, r.reload.watch_s))
+            for r in config.retrievers if versions is not None and r.reload.watch_s
+        ]
+
+    async def _follow_forever(self) -> None:
+        while True:
+            try:
+                await self.follow_versions()
+            except Exception as exc:  # the hub restarting: follow again shortly
+                logger.debug("gateway: version hub: %s", exc)
+                await asyncio.sleep(1.0)
 
     async def _push_forever(self) -> None:
         failing = False
@@ -71,6 +91,21 @@ class GatewayDeployment(Gateway):
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self, key_digests=self.api_key_digests)
+
+
+# Every retriever replica and gateway replica holds one long call here at all times (VersionHub.sync),
+# so the limit is far above the replica count; each call costs an idle coroutine.
+@serve.deployment(name="versions", num_replicas=1, ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=10_000,
+                  logging_config={"enable_access_log": False})
+class VersionsDeployment(VersionHub):
+    """The app's one VersionHub: which index version each retriever deployment serves (actors/versions.py)."""
+
+
+async def live_replicas(app: str, deployment: str) -> list[str]:
+    """The ids of the deployment's live replicas, from the names of their actors."""
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    named = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
+    return [a["name"][len(prefix):] for a in named if a["name"].startswith(prefix)]
 
 
 @serve.deployment(name="stats", num_replicas=1, ray_actor_options={"num_cpus": 0.05},
@@ -136,14 +171,16 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
     """The app for `config`. API keys: `api_keys`, else RAGFAN_API_KEYS and gateway.api_keys_file."""
     handles: dict[str, list[Any]] = {}
     encoders: dict[str, Any] = {}
+    versions = None
     if config.enabled:  # disabled: only the gateway runs, and no model is loaded anywhere
+        versions = _deployment(VersionsDeployment).bind()
         for r in config.retrievers:
             # One deployment per retriever, or one per shard (`corpus-shard0`, ...) of a sharded one.
             handles[r.name] = [
                 _deployment(RetrieverDeployment).options(
                     name=name, ray_actor_options=r.ray_actor_options.to_ray(), **r.serve_options()
                 ).bind(spec, num_cpus=r.ray_actor_options.num_cpus,
-                       max_concurrent_batches=r.batch.max_concurrent_batches)
+                       max_concurrent_batches=r.batch.max_concurrent_batches, versions=versions)
                 for name, spec in zip(r.deployment_names(), r.specs(config.cache_dir), strict=True)
             ]
         enc = config.encoder
@@ -160,7 +197,8 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
     keys = load_api_keys(config.gateway.api_keys_file) if api_keys is None else api_keys
     hub = _deployment(StatsDeployment).bind() if config.gateway.metrics else None
     # Only digests travel to the replicas (and into Serve's stored config), never the keys.
-    return gateway.bind(config, handles, encoders, stats_hub=hub, api_key_digests=tuple(digest(k) for k in keys))
+    return gateway.bind(config, handles, encoders, stats_hub=hub, api_key_digests=tuple(digest(k) for k in keys),
+                        versions=versions)
 
 
 def prepare_indexes(config: AppConfig, *, progress: bool = True) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actors.errors import InvalidRequest, NoRetrieverAvailable, Overloaded, RagError, Unauthorized
+from actors.errors import Conflict, InvalidRequest, NoRetrieverAvailable, NotFound, Overloaded, RagError, Unauthorized
 
 if TYPE_CHECKING:
     from serve_app.schemas import SearchResponse
@@ -54,6 +54,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     query_p.add_argument("--json", action="store_true", help="print the response as JSON")
     query_p.add_argument("--api-key", default=os.environ.get("RAGFAN_API_KEY"),
                          help="sent as 'Authorization: Bearer KEY' (default: $RAGFAN_API_KEY)")
+
+    reload_p = sub.add_parser("reload", help="serve the version of a retriever's index that its artifacts link "
+                              "points to now, on every replica, with no failed search")
+    reload_p.add_argument("name", help="the retriever (see GET /v1/retrievers)")
+    reload_p.add_argument("--url", default=os.environ.get("RAGFAN_URL", DEFAULT_URL), help=f"default {DEFAULT_URL}")
+    reload_p.add_argument("--api-key", default=os.environ.get("RAGFAN_API_KEY"),
+                          help="sent as 'Authorization: Bearer KEY' (default: $RAGFAN_API_KEY)")
+    reload_p.add_argument("--address", help="reach the app through its Serve handle on this Ray cluster (e.g. "
+                          "auto) instead of over HTTP at --url")
+    reload_p.add_argument("--app", default="ragfan", help="the app's name, with --address (default ragfan)")
+    reload_p.add_argument("--json", action="store_true", help="print the answer as JSON")
 
     ingest_p = sub.add_parser("ingest", help="build checked index artifacts from a collection")
     ingest_p.add_argument("source", help="BEIR corpus.jsonl, JSONL, a directory of .txt/.md, or (graph) triples")
@@ -100,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "deployment (default) or each with a model of its own, to compare the two")
 
     args = parser.parse_args(argv)
-    commands = {"serve": serve, "query": query, "ingest": ingest_command, "eval": eval_command, "bench": bench_command}
+    commands = {"serve": serve, "query": query, "reload": reload_command, "ingest": ingest_command,
+                "eval": eval_command, "bench": bench_command}
     try:
         return commands[args.command](args)
     except RagError as exc:
@@ -340,6 +352,38 @@ def query(args: argparse.Namespace) -> int:
     except RagError as exc:
         return _report(exc, args.url)
     print(response.model_dump_json(indent=2) if args.json else format_response(response))
+    return 0
+
+
+def reload_command(args: argparse.Namespace) -> int:
+    import httpx
+
+    from serve_app.client import RagClient
+
+    where = f"Ray cluster {args.address}, app {args.app}" if args.address else args.url
+    try:
+        client = RagClient(args.app, address=args.address) if args.address else RagClient(url=args.url,
+                                                                                           api_key=args.api_key)
+        with client:
+            answer = client.reload(args.name)
+    except Unauthorized:
+        print("ragfan: error: the service needs an API key: pass --api-key or set RAGFAN_API_KEY", file=sys.stderr)
+        return 2
+    except httpx.TransportError as exc:
+        print(f"ragfan: error: cannot reach ragfan at {args.url} ({exc}). Is `make serve` running?", file=sys.stderr)
+        return 1
+    except RagError as exc:
+        print(f"ragfan: error: {exc.message}", file=sys.stderr)
+        return 2 if isinstance(exc, Conflict | NotFound) else 1
+    except Exception as exc:  # the Ray cluster or the app is not there (--address)
+        print(f"ragfan: error: cannot reach ragfan through {where}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(answer.model_dump_json(indent=2))
+        return 0
+    same = " (unchanged)" if answer.version == answer.version_before else f" (was {answer.version_before})"
+    print(f"{answer.name}: version {answer.version}{same}, served by {len(answer.replicas)} "
+          f"replica{'s' if len(answer.replicas) != 1 else ''}, in {answer.seconds:.2f} s")
     return 0
 
 

@@ -39,11 +39,13 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
 from actors.errors import (
+    Conflict,
     InvalidRequest,
     MalformedRequest,
     NoRetrieverAvailable,
@@ -62,6 +64,8 @@ from serve_app.schemas import (
     FilterValue,
     FusionOptions,
     Include,
+    ReloadRequest,
+    ReloadResponse,
     SearchRequest,
     SearchResponse,
 )
@@ -70,7 +74,8 @@ from serve_app.schemas import (
 RETRY_STATUSES = frozenset({500, 502, 504})
 RETRY_NETWORK = (httpx.NetworkError, httpx.RemoteProtocolError)  # connect, read, write, a dropped connection
 SEARCH_PATH = "/v1/search"
-PATHS = {"search": SEARCH_PATH, "search_batch": "/v1/search/batch"}  # each gateway method's HTTP route
+# each gateway method's HTTP route; {field}: filled from the body's field of that name
+PATHS = {"search": SEARCH_PATH, "search_batch": "/v1/search/batch", "reload": "/v1/retrievers/{name}/reload"}
 M = TypeVar("M", bound=BaseModel)
 # What the HTTP transport asks the gateway to compress with, in its order of preference (the gateway
 # picks zstd, then br, then gzip). httpx decodes gzip itself, and zstd and br with `zstandard` and
@@ -185,6 +190,16 @@ class RagClient:
         """`search_batch`, from async code."""
         requests, batch = _batch(searches, top_k, retrievers, filters, timeout_ms, fusion)
         return _results(requests, await self._call_async("search_batch", batch, BatchSearchResponse) if batch else None)
+
+    def reload(self, name: str) -> ReloadResponse:
+        """Every replica of retriever `name` serves the version its artifacts link points to now; returns
+        once they do. Raises NotFound (no such retriever) or Conflict (the new version fails
+        verification, or the retriever holds no index; nothing changed)."""
+        return self._call("reload", ReloadRequest(name=name), ReloadResponse)
+
+    async def reload_async(self, name: str) -> ReloadResponse:
+        """`reload`, from async code."""
+        return await self._call_async("reload", ReloadRequest(name=name), ReloadResponse)
 
     def _call(self, method: str, body: BaseModel, model: type[M]) -> M:
         outcome = self._transport.send(method, body)
@@ -354,13 +369,13 @@ class HTTPTransport:
 
     def send(self, method: str, body: BaseModel) -> Any:
         try:
-            return self._sync_client().post(PATHS[method], content=_body(body))
+            return self._sync_client().post(_path(method, body), content=_body(body))
         except RETRY_NETWORK as exc:
             return exc
 
     async def send_async(self, method: str, body: BaseModel) -> Any:
         try:
-            return await self._async_client().post(PATHS[method], content=_body(body))
+            return await self._async_client().post(_path(method, body), content=_body(body))
         except RETRY_NETWORK as exc:
             return exc
 
@@ -384,6 +399,11 @@ class HTTPTransport:
         self.close()
         if self._async is not None:
             await self._async.aclose()
+
+
+def _path(method: str, body: BaseModel) -> str:
+    """The method's route, with any {field} in it filled from the body, URL-quoted."""
+    return PATHS[method].format_map({k: quote(str(v), safe="") for k, v in body.model_dump().items()})
 
 
 def _body(body: BaseModel) -> bytes:
@@ -429,6 +449,8 @@ def error_from_status(status: int, detail: Any, *, retry_after_s: int = 1, url: 
         return MalformedRequest(message)
     if status == 401:
         return Unauthorized(message)
+    if status == 409:
+        return Conflict(message)
     if status == 404 and isinstance(detail, str):  # ragfan's own 404 has a message; a wrong URL has none
         return NotFound(message)
     if status == 413:
@@ -442,7 +464,7 @@ def error_from_status(status: int, detail: Any, *, retry_after_s: int = 1, url: 
 
 # The errors a search raises are importable from here too, as httpx exports its own.
 __all__ = [
-    "HTTPTransport", "HandleTransport", "InvalidRequest", "MalformedRequest", "NoRetrieverAvailable", "NotFound",
-    "Overloaded", "PayloadTooLarge", "RagClient", "RagError", "ServiceUnavailable", "Transport", "Unauthorized",
-    "error_from_response", "error_from_status",
+    "Conflict", "HTTPTransport", "HandleTransport", "InvalidRequest", "MalformedRequest", "NoRetrieverAvailable",
+    "NotFound", "Overloaded", "PayloadTooLarge", "RagClient", "RagError", "ServiceUnavailable", "Transport",
+    "Unauthorized", "error_from_response", "error_from_status",
 ]

@@ -116,6 +116,15 @@ class CircuitBreakerConfig(_Strict):
     cooldown_s: float = Field(5.0, ge=0, description="how long an open circuit skips the retriever before a probe")
 
 
+class ReloadConfig(_Strict):
+    """Rolling a new index version into the running app (serve_app/reload.py)."""
+
+    watch_s: float | None = Field(
+        None, gt=0, description="check the artifacts link every N seconds and reload when it moves; null: only "
+        "on POST /v1/retrievers/{name}/reload or `ragfan reload`"
+    )
+
+
 class ScalingConfig(_Strict):
     num_replicas: int | None = Field(1, ge=1, description="fixed replica count (ignored with autoscaling)")
     autoscaling_config: dict[str, Any] | None = Field(None, description="Serve autoscaling_config")
@@ -165,6 +174,7 @@ class _RetrieverBase(ScalingConfig):
     )
     ray_actor_options: ActorOptions = ActorOptions()
     batch: BatchConfig = BatchConfig()
+    reload: ReloadConfig = ReloadConfig()
 
     shown: ClassVar[tuple[str, ...]] = ()  # the kind's options that /v1/retrievers shows
 
@@ -177,6 +187,8 @@ class _RetrieverBase(ScalingConfig):
     def _sources_and_shards(self) -> _RetrieverBase:
         if (self.data is None) == (self.artifacts is None):
             raise ValueError("give exactly one of `data` (a collection) and `artifacts` (from `ragfan ingest`)")
+        if self.reload.watch_s is not None and self.kind == "synthetic":
+            raise ValueError("`reload.watch_s`: a synthetic retriever holds no index to reload")
         if self.shards > 1 and self.kind != "dense":
             raise ValueError(f"`shards` applies to kind 'dense' only, not {self.kind!r} (BM25 scores depend on "
                              "corpus statistics, so shards of a keyword index would not merge exactly)")
@@ -340,7 +352,8 @@ class AppConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"retriever names must be unique; repeated: {', '.join(dupes)}")
-        for reserved, what in (("gateway", "the ingress deployment"), ("stats", "the stats deployment")):
+        for reserved, what in (("gateway", "the ingress deployment"), ("stats", "the stats deployment"),
+                               ("versions", "the version hub deployment")):
             if reserved in names:
                 raise ValueError(f"'{reserved}' is reserved for {what}")
         taken = sorted(n for n in names if n == "encoder" or n.startswith("encoder-"))

@@ -26,6 +26,7 @@ class Outcome:
     error: str | None = None
     coverage: float | None = None  # a sharded retriever: the fraction of its shards that answered
     cache: str | None = None  # the result cache: hit, miss, bypass or off (serve_app/cache.py); None: not asked
+    version: str | None = None  # the index version that answered (actors/versions.py); None: not known
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from actors.errors import (
     RagError,
     ServiceUnavailable,
 )
+from actors.versions import SYNC_WAIT_S
 from serve_app.batcher import now
 from serve_app.breaker import CircuitBreaker
 from serve_app.cache import make_cache
@@ -32,6 +33,7 @@ from serve_app.config import AppConfig
 from serve_app.fanout import Outcome, describe_error
 from serve_app.fusion import fuse
 from serve_app.lanes import CIRCUIT_OPEN, Ask, EncoderLane, RetrieverLane, slots
+from serve_app.reload import LiveReplicas, Reloader, gateway_member
 from serve_app.schemas import (
     BatchItem,
     BatchSearchError,
@@ -41,6 +43,9 @@ from serve_app.schemas import (
     EncoderInfo,
     ErrorResponse,
     FusionOptions,
+    ReloadRequest,
+    ReloadResponse,
+    ReplicaVersion,
     Result,
     RetrieverInfo,
     RetrieversResponse,
@@ -134,13 +139,17 @@ class Gateway:
         telemetry: Telemetry | None = None,
         stats_hub: Any = None,
         replica: str = "local",
+        versions: Any = None,
+        live: LiveReplicas | None = None,
     ) -> None:
         """`retrievers`: per retriever, its handle, or one per shard; `encoders`: per model, its handle.
 
         `telemetry` records each search (serve_app/telemetry.py); by default one with no Prometheus
         instruments, or none with `gateway.metrics: false`. `stats_hub`: the handle of the app's
         stats deployment, where this replica (`replica`) pushes its counts; by default a StatsHub of
-        this gateway's own.
+        this gateway's own. `versions`: the handle of the app's VersionHub (actors/versions.py), which
+        this replica follows (`follow_versions`) and reloads through; `live`: the ids of a deployment's
+        live replicas (serve_app/reload.py).
         """
         self.config = config
         self.weights = {r.name: r.weight for r in config.retrievers}
@@ -176,9 +185,13 @@ class Gateway:
                 encoder=self.encoders.get(r.encoder_model) if r.encoder_model else None,
                 vector_optional=r.kind == "graph",
                 cache=self.cache,
+                deployments=r.deployment_names(),
             )
             for r in config.retrievers
         }
+        self.versions = versions
+        self.reloader = Reloader(self.lanes, {r.name: r.kind for r in config.retrievers},
+                                 versions if config.enabled else None, live=live)
 
     async def search(self, request: SearchRequest | dict[str, Any]) -> SearchResponse:
         """The whole search; raises InvalidRequest or NoRetrieverAvailable."""
@@ -345,6 +358,20 @@ class Gateway:
             latency_ms=_ms(started),
         )
 
+    # -- versions ---------------------------------------------------------------------------------
+    async def reload(self, request: ReloadRequest | str) -> ReloadResponse:
+        """Every replica of the retriever serves the version its link points to now (serve_app/reload.py)."""
+        return await self.reloader.reload(request if isinstance(request, str) else request.name)
+
+    async def follow_versions(self, wait_s: float = SYNC_WAIT_S) -> None:
+        """Tell the hub which version of each retriever this replica follows, wait up to `wait_s` for a
+        pin to move, and hand the pins to the lanes (which then drop the old version's cached answers)."""
+        lanes = [lane for lane in self.lanes.values() if self.config.retriever(lane.name).kind != "synthetic"]
+        following = {d: lane.pins.get(d) for lane in lanes for d in lane.deployments}
+        pins = await self.versions.sync.remote(gateway_member(self.replica), following, wait_s=wait_s)
+        for lane in lanes:
+            lane.follow(pins)
+
     # -- health and counts ------------------------------------------------------------------------
     async def retrievers(self) -> RetrieversResponse:
         """Each retriever's health as its replicas report it, with this replica's breaker and load."""
@@ -356,12 +383,23 @@ class Gateway:
         for r, lane, o in zip(self.config.retrievers, lanes, described, strict=True):
             detail = o.value if o is not None and o.status == "ok" else None
             start_error = (detail or {}).get("error")  # the replica is up but its retriever failed to load
+            replicas = await self._replicas(lane) if r.kind != "synthetic" else []
             infos.append(RetrieverInfo(
                 name=r.name, kind=r.kind, config=r.summary(), healthy=detail is not None and start_error is None,
                 detail=detail, error=DISABLED if o is None else start_error or o.error,
-                circuit=lane.breaker.snapshot(), in_flight=lane.in_flight,
+                circuit=lane.breaker.snapshot(), in_flight=lane.in_flight, version=lane.pinned, replicas=replicas,
             ))
         return RetrieversResponse(enabled=self.config.enabled, retrievers=infos, encoders=await self._encoders())
+
+    async def _replicas(self, lane: RetrieverLane) -> list[ReplicaVersion]:
+        """Each live replica of the lane and the version it serves; [] without a hub, or when it does not answer."""
+        if self.versions is None or not self.config.enabled:
+            return []
+        try:
+            return (await self.reloader.replicas(lane))[0]
+        except Exception as exc:
+            logger.warning("gateway: the version hub did not answer: %s", describe_error(exc))
+            return []
 
     async def _encoders(self) -> list[EncoderInfo]:
         lanes = list(self.encoders.values())
@@ -448,6 +486,7 @@ def _status(o: Outcome) -> RetrieverStatus:
     return RetrieverStatus(
         status=o.status, latency_ms=o.latency_ms, num_hits=len(o.value or []), error=o.error, coverage=o.coverage,
         cached=o.cache == "hit", cache=o.cache,  # type: ignore[arg-type]  # a CacheState, or None
+        version=o.version,
     )
 
 

@@ -49,6 +49,7 @@ from serve_app.schemas import (
     BatchSearchRequest,
     BatchSearchResponse,
     ErrorResponse,
+    ReloadResponse,
     RetrieversResponse,
     SearchRequest,
     SearchResponse,
@@ -288,6 +289,20 @@ def build_api(gateway: Gateway, *, max_body_bytes: int | None = None, key_digest
              responses={401: ERRORS[401]})
     async def retrievers() -> RetrieversResponse:
         return await gateway.retrievers()
+
+    @api.post("/v1/retrievers/{name}/reload", response_model=ReloadResponse,
+              summary="Serve the version of a retriever's index that its artifacts link points to now",
+              description="Every replica of the retriever (each shard's) opens and verifies the new version beside "
+              "the one it serves and swaps to it; searches already running finish on the old one, and none fails. "
+              "Answers once every replica serves it. Cached answers of the old version are not served after.",
+              responses={401: ERRORS[401],
+                         404: {"model": ErrorResponse, "description": "no retriever of that name"},
+                         409: {"model": ErrorResponse, "description": "the new version fails verification (a "
+                               "checksum, the model, the dimension), or the retriever holds no index; nothing "
+                               "changed"},
+                         503: {"model": ErrorResponse, "description": "some replica did not serve it in time"}})
+    async def reload(name: str) -> ReloadResponse:
+        return await gateway.reload(name)
 
     @api.get("/v1/stats", response_model=StatsResponse, summary="The last 15 minutes, for every gateway replica",
              description="What the /dashboard page draws: searches per second, latency quantiles, status mix, "

@@ -29,7 +29,7 @@ import numpy as np
 
 from actors.errors import RetrieverFailed
 from actors.shards import merge as merge_shards
-from actors.types import Filters, Hit, Query, Unavailable
+from actors.types import Filters, Hit, Query, Searched, Unavailable
 from serve_app.batcher import Batcher, now
 from serve_app.breaker import CircuitBreaker
 from serve_app.cache import Cache, cache_key
@@ -41,6 +41,9 @@ CIRCUIT_OPEN = "circuit open"
 # How long a lane trusts the index fingerprint its replicas reported before asking again. A
 # redeployed retriever's new index is cached under its own fingerprint within this time.
 FINGERPRINT_TTL_S = 10.0
+# After the pinned version moved (a reload), how soon a lane asks again for the new version's
+# fingerprint while its replicas still report the old one. Until then nothing is cached.
+FINGERPRINT_RETRY_S = 0.25
 DESCRIBE_TIMEOUT_S = 5.0  # how long a health check waits for a replica's description
 # A sharded call stops waiting for slow shards this long before its requests' deadline, so the
 # shards that did answer are merged and reach the requests in time.
@@ -124,6 +127,7 @@ class _Answer:
     coverage: float | None = None
     problems: str | None = None
     status: Status = "ok"  # "timeout" or "error" when no shard answered
+    version: str | None = None  # the index version that answered: each shard's, joined by "|"
 
 
 class RetrieverLane:
@@ -141,9 +145,11 @@ class RetrieverLane:
         encoder: EncoderLane | None = None,
         vector_optional: bool = False,
         cache: Cache | None = None,
+        deployments: Sequence[str] | None = None,
     ) -> None:
         self.name = name
         self.handles = list(handles)  # one, or one per shard
+        self.deployments = list(deployments or [name])  # the deployment behind each handle
         self.top_k = top_k
         self.timeout_ms = timeout_ms
         self.filter_keys = set(filter_keys)
@@ -158,7 +164,11 @@ class RetrieverLane:
         # What the cache keys answers by: the index the replicas report (`describe`), refreshed
         # every FINGERPRINT_TTL_S; None until known, and then nothing is cached.
         self.fingerprint: str | None = None
+        self.fingerprint_version: str | None = None  # the version that fingerprint names
         self._fingerprint_at = -math.inf
+        # The version the app's VersionHub pins for each deployment (actors/versions.py), as the
+        # gateway follows it; empty when there is no hub (unit tests): any version is then taken.
+        self.pins: dict[str, str | None] = {}
         self._filling: dict[str, asyncio.Future] = {}  # keys being fetched: identical misses share one
 
     # -- requests ---------------------------------------------------------------------------------
@@ -217,7 +227,8 @@ class RetrieverLane:
         # (`looked_up`), so a query that every lane of a model finds there is never encoded.
         states, keys, found = looked_up or await self.lookup(asks)
         outcomes: list[Outcome | None] = [
-            Outcome(self.name, "ok", elapsed(), value=hits, cache="hit") if hits is not None else None for hits in found
+            Outcome(self.name, "ok", elapsed(), value=hits, cache="hit", version=self.fingerprint_version)
+            if hits is not None else None for hits in found
         ]
         todo = [i for i, o in enumerate(outcomes) if o is None]
         # an identical query already on its way to the retriever: wait for its answer instead
@@ -270,9 +281,11 @@ class RetrieverLane:
         finally:
             for key in filling:
                 del self._filling[key]
-        # Only complete answers are kept: never a timeout, an error, or a partial shard answer.
+        # Only complete answers are kept: never a timeout, an error, or a partial shard answer, nor one
+        # that a version other than the key's fingerprint answered (a reload in progress).
         complete = {key: o.value for key, o in zip(keys, outcomes, strict=True)
-                    if key and o.status == "ok" and (o.coverage or 1) >= 1 and note is None}
+                    if key and o.status == "ok" and (o.coverage or 1) >= 1 and note is None
+                    and o.version == self.fingerprint_version}
         for key, future in filling.items():
             future.set_result(complete.get(key))
         if complete and self.cache is not None:
@@ -311,11 +324,33 @@ class RetrieverLane:
         return Lookup(states, keys, [by_key.get(k) if k else None for k in keys])
 
     async def _refresh_fingerprint(self) -> None:
-        if now() - self._fingerprint_at < FINGERPRINT_TTL_S:
+        if now() - self._fingerprint_at < (FINGERPRINT_TTL_S if self.fingerprint else FINGERPRINT_RETRY_S):
             return
         self._fingerprint_at = now()
         described = await self.describe()
-        self.fingerprint = fingerprint_of(described.value) if described.status == "ok" else None
+        detail = described.value if described.status == "ok" else {}
+        version = version_of(detail)
+        if self.pinned is not None and version != self.pinned:  # a replica not yet on the pinned version
+            self.fingerprint = self.fingerprint_version = None
+            return
+        self.fingerprint, self.fingerprint_version = fingerprint_of(detail), version
+
+    # -- versions -----------------------------------------------------------------------------------
+    @property
+    def pinned(self) -> str | None:
+        """The version pinned for this retriever (each shard's, joined by "|"); None: not known."""
+        versions = [self.pins.get(d) for d in self.deployments]
+        return None if any(v is None for v in versions) else "|".join(versions)  # type: ignore[arg-type]
+
+    def follow(self, pins: Mapping[str, str | None]) -> None:
+        """The pins moved: no answer is read from or written to the cache under the old version's
+        fingerprint from now on; the new one is learnt once a replica reports it."""
+        pins = {d: pins.get(d) for d in self.deployments}
+        if pins != self.pins:
+            self.pins = pins
+            if self.fingerprint_version is not None and self.fingerprint_version != self.pinned:
+                self.fingerprint = self.fingerprint_version = None
+                self._fingerprint_at = -math.inf
 
 
     async def _encoded(self, vectors: Awaitable[Any] | None, deadline: float) -> tuple[Any, str | None]:
@@ -340,8 +375,8 @@ class RetrieverLane:
     async def _send(self, queries: list[Query], deadline: float) -> list[_Answer]:
         """Call the retriever, or every shard of it at once, with the whole group."""
         if len(self.handles) == 1:
-            hits = await self._call_one(self.handles[0], queries)
-            return [_Answer(h) for h in hits]
+            hits, version = await self._call_one(self.handles[0], queries)
+            return [_Answer(h, version=version) for h in hits]
         shard_deadline = deadline - SHARD_MARGIN_S
         parts = await asyncio.gather(
             *(self._call_one(h, queries, shard_deadline) for h in self.handles), return_exceptions=True
@@ -354,22 +389,28 @@ class RetrieverLane:
             f"shard {i}: timeout" if isinstance(e, TimeoutError) else f"shard {i}: error: {describe_error(e)}"
             for i, e in failed.items()
         )[:MAX_ERROR_CHARS] or None
-        answered = [p for p in parts if not isinstance(p, BaseException)]
+        answered = [p[0] for p in parts if not isinstance(p, BaseException)]
+        versions = [p[1] for p in parts if not isinstance(p, BaseException)]
+        version = "|".join(versions) if not failed and None not in versions else None  # type: ignore[arg-type]
         if not answered:
             status: Status = "timeout" if all(isinstance(e, TimeoutError) for e in failed.values()) else "error"
             return [_Answer([], 0.0, problems, status) for _ in queries]
         coverage = round(len(answered) / len(parts), 4)
         return [
-            _Answer(merge_shards((a[q] for a in answered), queries[q].top_k), coverage, problems)
+            _Answer(merge_shards((a[q] for a in answered), queries[q].top_k), coverage, problems, version=version)
             for q in range(len(queries))
         ]
 
-    async def _call_one(self, handle: Any, queries: list[Query], deadline: float | None = None) -> list[list[Hit]]:
+    async def _call_one(self, handle: Any, queries: list[Query], deadline: float | None = None
+                        ) -> tuple[list[list[Hit]], str | None]:
+        """One replica's hit lists, and the version that answered (None: a replica that does not say)."""
         async with asyncio.timeout_at(deadline):  # None: the batcher's deadline for the whole call bounds it
             answer = await _await_cancelling(handle.search.remote(queries))
         if isinstance(answer, Unavailable):  # the replica is up, but its retriever failed to start
             raise RetrieverFailed(answer.reason)
-        return answer
+        if isinstance(answer, Searched):
+            return answer.hits, answer.version
+        return answer, None
 
     # -- health -----------------------------------------------------------------------------------
     async def describe(self) -> Outcome:
@@ -411,7 +452,16 @@ def _outcome(name: str, answer: Any, timeout_s: float, latency_ms: float, note: 
         return Outcome(name, "error", latency_ms, error=describe_error(answer))
     if answer.status != "ok":
         return Outcome(name, answer.status, latency_ms, error=answer.problems, coverage=0.0)
-    return Outcome(name, "ok", latency_ms, value=answer.hits, error=answer.problems or note, coverage=answer.coverage)
+    return Outcome(name, "ok", latency_ms, value=answer.hits, error=answer.problems or note, coverage=answer.coverage,
+                   version=answer.version)
+
+
+def version_of(detail: Mapping[str, Any]) -> str | None:
+    """The version the replica, or each shard's, reports, joined by "|"; None when one is unknown."""
+    parts = [d.get("version") for d in detail.get("shards", [detail])] if detail else []
+    if not parts or any(not isinstance(p, str) for p in parts):
+        return None
+    return "|".join(parts)
 
 
 def fingerprint_of(detail: Mapping[str, Any]) -> str | None:

@@ -116,6 +116,10 @@ class RetrieverStatus(BaseModel):
         None, description="the result cache for this retriever: hit, miss, bypass (the cache could not answer: "
         "searched uncached), off (no cache, or the request said cache: false); null: not asked"
     )
+    version: str | None = Field(
+        None, description="the index version that answered (a sharded retriever: each shard's, joined by '|'); "
+        "null: not known"
+    )
 
 
 class SearchResponse(BaseModel):
@@ -175,6 +179,32 @@ class RetrieverInfo(BaseModel):
         "consecutive_failures, retry_in_s"
     )
     in_flight: int = Field(0, description="calls this gateway replica has outstanding to the retriever")
+    version: str | None = Field(None, description="the version pinned for it: every replica serves it, or "
+                                "is opening it (a sharded retriever: each shard's, joined by '|')")
+    replicas: list[ReplicaVersion] = Field([], description="each live replica and the version it serves")
+
+
+class ReplicaVersion(BaseModel):
+    replica: str = Field(description="the replica's id, as Serve names it")
+    deployment: str = Field(description="the retriever's deployment, or the shard's (`corpus-shard0`)")
+    version: str | None = Field(description="the version it serves; null: it has not reported one")
+    failed: str | None = Field(None, description="a pinned version it could not open, and why")
+
+
+class ReloadRequest(BaseModel):
+    """Which retriever to reload: the path's {name} over HTTP, this body through a handle."""
+
+    name: str
+
+
+class ReloadResponse(BaseModel):
+    """What POST /v1/retrievers/{name}/reload answers once every replica serves the new version."""
+
+    name: str
+    version_before: str | None = Field(description="the version pinned before (shards: joined by '|')")
+    version: str = Field(description="the version every replica serves now")
+    replicas: list[ReplicaVersion]
+    seconds: float = Field(description="how long the reload took, verification included")
 
 
 class EncoderInfo(BaseModel):
@@ -246,3 +276,6 @@ class StatsResponse(BaseModel):
     cache: CacheSeries
     retrievers: dict[str, RetrieverSeries]
     totals: StatsTotals
+
+
+RetrieverInfo.model_rebuild()
