@@ -46,7 +46,7 @@ class _Method:
     def __init__(self, handle: FakeHandle, name: str) -> None:
         self.handle, self.name = handle, name
 
-    def remote(self, *args: Any) -> FakeResponse:
+    def remote(self, *args: Any, **kwargs: Any) -> FakeResponse:
         handle = self.handle
         handle.calls.append((self.name, args))
         method = getattr(handle.target, self.name)
@@ -54,7 +54,7 @@ class _Method:
         async def run() -> Any:  # a replica's method may be sync or async; the response is awaitable either way
             if handle.dead:
                 raise ReplicaDied(f"the replica behind this handle died (calling {self.name})")
-            result = method(*args)
+            result = method(*args, **kwargs)
             return await result if inspect.isawaitable(result) else result
 
         response = FakeResponse(run())
