@@ -177,7 +177,8 @@ class RetrieverDeployment:
             # The swap: searches already running finish on the retriever they started with.
             self.retriever, self.version, self.fingerprint = retriever, version, fp
             if self.runner is None:  # it had failed to start: a fixed index brings it back
-                self.runner, self.start_error = SearchRunner(retriever.search, max_concurrent=self._max_concurrent), None
+                self.runner = SearchRunner(retriever.search, max_concurrent=self._max_concurrent)
+                self.start_error = None
             logger.info("retriever %s: now serving version %s (was %s)", self.spec.name, version, before)
 
     def _warm_up_query(self, retriever: Retriever) -> Query:

@@ -234,7 +234,7 @@ def test_a_replica_that_serve_starts_later_opens_its_siblings_version_not_the_li
 
 def test_a_dense_retriever_and_each_shard_of_a_sharded_one_reload(versioned, http):
     url, out, scratch = versioned
-    source = corpus_with(scratch, {"_id": "new-5", "title": "", "text": f"{NEW_WORD}: a protein that folds stem cells."})
+    source = corpus_with(scratch, {"_id": "new-5", "title": "", "text": f"{NEW_WORD}: a protein folding stem cells."})
     ingest(source, out, ("dense",))
     ingest(source, out / "sharded", ("dense",), shards=2)
     before = retriever_info(http, url, "split")["version"]
