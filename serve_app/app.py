@@ -10,11 +10,14 @@ The same builder serves every entry point:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
+from functools import cache, partial
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -23,10 +26,12 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve import Application, Deployment
 
+import actors
 from actors.deployment import RetrieverDeployment
 from actors.encoder import EncoderDeployment, encoder_name
 from actors.metrics import ray_instruments
 from actors.versions import VersionHub
+from serve_app import __version__
 from serve_app.config import AppConfig, check_startable, file_problems, load_config
 from serve_app.gateway import Gateway
 from serve_app.http import build_api, digest, load_api_keys
@@ -64,9 +69,39 @@ class GatewayDeployment(Gateway):
         loop = asyncio.get_running_loop()
         self._pushing = loop.create_task(self._push_forever()) if telemetry else None
         self._following = loop.create_task(self._follow_forever()) if versions is not None else None
+        self.app_name = context.app_name
+        self._watching: list[asyncio.Task] = []
+        self._watch()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A changed config applied to the running app (`ragfan apply`) arrives here, not as a restart:
+        Serve calls this on every replica, and on each replica it starts later. The deployments of
+        retrievers and encoders new to this replica are reached by name."""
+        config = AppConfig.model_validate(user_config["config"])
+        if config == self.config:
+            return
+        lanes, encoders = self.lanes, self.encoders
+        handles = {
+            r.name: lanes[r.name].handles if r.name in lanes and lanes[r.name].deployments == r.deployment_names()
+            else [serve.get_deployment_handle(d, self.app_name) for d in r.deployment_names()]
+            for r in config.retrievers
+        } if config.enabled else {}
+        models = {
+            m: encoders[m].handle if m in encoders else serve.get_deployment_handle(encoder_name(m), self.app_name)
+            for m in config.shared_models
+        } if config.enabled else {}
+        self.configure(config, handles, models)
+        self._watch()
+        logger.info("gateway: applied a changed config: %d retrievers (%s)", len(config.retrievers),
+                    ", ".join(config.names))
+
+    def _watch(self) -> None:
+        """One task per retriever with `reload.watch_s`, for the config served now."""
+        for task in self._watching:
+            task.cancel()
         self._watching = [
-            loop.create_task(self.reloader.watch(r.name, r.reload.watch_s))
-            for r in config.retrievers if versions is not None and r.reload.watch_s
+            asyncio.get_running_loop().create_task(self.reloader.watch(r.name, r.reload.watch_s))
+            for r in self.config.retrievers if self.versions is not None and r.reload.watch_s
         ]
 
     async def _follow_forever(self) -> None:
@@ -173,32 +208,60 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
     encoders: dict[str, Any] = {}
     versions = None
     if config.enabled:  # disabled: only the gateway runs, and no model is loaded anywhere
-        versions = _deployment(VersionsDeployment).bind()
+        versions = _versioned(_deployment(VersionsDeployment)).bind()
         for r in config.retrievers:
             # One deployment per retriever, or one per shard (`corpus-shard0`, ...) of a sharded one.
-            handles[r.name] = [
-                _deployment(RetrieverDeployment).options(
+            handles[r.name] = []
+            for name, spec in zip(r.deployment_names(), r.specs(config.cache_dir), strict=True):
+                args = {"num_cpus": r.ray_actor_options.num_cpus,
+                        "max_concurrent_batches": r.batch.max_concurrent_batches}
+                handles[r.name].append(_versioned(_deployment(RetrieverDeployment).options(
                     name=name, ray_actor_options=r.ray_actor_options.to_ray(), **r.serve_options()
-                ).bind(spec, num_cpus=r.ray_actor_options.num_cpus,
-                       max_concurrent_batches=r.batch.max_concurrent_batches, versions=versions)
-                for name, spec in zip(r.deployment_names(), r.specs(config.cache_dir), strict=True)
-            ]
+                ), spec.model_dump_json(), args).bind(spec, **args, versions=versions))
         enc = config.encoder
         for model in config.shared_models:  # one encoder per model that `encoder: shared` retrievers use
-            encoders[model] = _deployment(EncoderDeployment).options(
+            args = {"num_cpus": enc.ray_actor_options.num_cpus, "max_batch_size": enc.batch.max_batch_size,
+                    "batch_wait_timeout_s": enc.batch.batch_wait_timeout_s}
+            encoders[model] = _versioned(_deployment(EncoderDeployment).options(
                 name=encoder_name(model), ray_actor_options=enc.ray_actor_options.to_ray(), **enc.serve_options()
-            ).bind(model, num_cpus=enc.ray_actor_options.num_cpus, max_batch_size=enc.batch.max_batch_size,
-                   batch_wait_timeout_s=enc.batch.batch_wait_timeout_s)
-    gateway = _deployment(GatewayDeployment).options(
+            ), model, args).bind(model, **args)
+    keys = load_api_keys(config.gateway.api_keys_file) if api_keys is None else api_keys
+    digests = tuple(digest(k) for k in keys)  # only digests travel to the replicas (and Serve's stored config)
+    # The retrievers, fusion, encoder and cache settings reach the gateway as `user_config`: a change to
+    # them is applied by `reconfigure`, with no restart. Its own settings and keys are its code version.
+    gateway = _versioned(_deployment(GatewayDeployment).options(
         name="gateway",
         ray_actor_options=config.gateway.ray_actor_options.to_ray(),
         **config.gateway.serve_options(),
-    )
-    keys = load_api_keys(config.gateway.api_keys_file) if api_keys is None else api_keys
-    hub = _deployment(StatsDeployment).bind() if config.gateway.metrics else None
-    # Only digests travel to the replicas (and into Serve's stored config), never the keys.
-    return gateway.bind(config, handles, encoders, stats_hub=hub, api_key_digests=tuple(digest(k) for k in keys),
-                        versions=versions)
+        user_config={"config": config.model_dump(mode="json")},
+    ), config.gateway.model_dump_json(), config.enabled, [d.hex() for d in digests])
+    hub = _versioned(_deployment(StatsDeployment)).bind() if config.gateway.metrics else None
+    return gateway.bind(config, handles, encoders, stats_hub=hub, api_key_digests=digests, versions=versions)
+
+
+@cache
+def _source_digest() -> str:
+    """A digest of ragfan's own code: a replica runs the code it started with, so new code is a new version."""
+    digest = hashlib.sha256(__version__.encode())
+    for package in (Path(actors.__file__).parent, Path(__file__).parent):
+        for path in sorted(package.glob("*.py")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _versioned(deployment: Deployment, *arguments: Any) -> Deployment:
+    """`deployment`, with a code version made of ragfan's code and the arguments its replicas start from.
+
+    Serve replaces a deployment's replicas when its code version changes, and keeps them when it
+    does not: a changed replica count is scaled, not restarted. `serve.run` gives a deployment with
+    no version a random one, so applying a config again would restart every replica of the app
+    (docs/RELOAD.md). Serve 2.60 no longer takes `version` in `.options()`, but still deploys the
+    one a Deployment holds: set it there. tests/integration/test_apply.py checks that an unchanged
+    deployment keeps its replicas, so a Ray that stops honouring it fails there.
+    """
+    blob = json.dumps([_source_digest(), *arguments], sort_keys=True, default=str)
+    deployment._version = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return deployment
 
 
 def prepare_indexes(config: AppConfig, *, progress: bool = True) -> None:

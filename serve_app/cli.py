@@ -55,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     query_p.add_argument("--api-key", default=os.environ.get("RAGFAN_API_KEY"),
                          help="sent as 'Authorization: Bearer KEY' (default: $RAGFAN_API_KEY)")
 
+    apply_p = sub.add_parser("apply", help="apply a changed config to the running app, with no failed search, "
+                             "and say what Serve restarted")
+    apply_p.add_argument("--config", required=True, help="the changed ragfan YAML config")
+    apply_p.add_argument("--address", default="auto", help="the Ray cluster the app runs on (default: auto)")
+    apply_p.add_argument("--route-prefix", default="/", help="where the app serves HTTP (default /, as ragfan serve)")
+
     reload_p = sub.add_parser("reload", help="serve the version of a retriever's index that its artifacts link "
                               "points to now, on every replica, with no failed search")
     reload_p.add_argument("name", help="the retriever (see GET /v1/retrievers)")
@@ -111,8 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "deployment (default) or each with a model of its own, to compare the two")
 
     args = parser.parse_args(argv)
-    commands = {"serve": serve, "query": query, "reload": reload_command, "ingest": ingest_command,
-                "eval": eval_command, "bench": bench_command}
+    commands = {"serve": serve, "query": query, "reload": reload_command, "apply": apply_command,
+                "ingest": ingest_command, "eval": eval_command, "bench": bench_command}
     try:
         return commands[args.command](args)
     except RagError as exc:
@@ -352,6 +358,31 @@ def query(args: argparse.Namespace) -> int:
     except RagError as exc:
         return _report(exc, args.url)
     print(response.model_dump_json(indent=2) if args.json else format_response(response))
+    return 0
+
+
+def apply_command(args: argparse.Namespace) -> int:
+    from serve_app.apply import apply
+    from serve_app.config import check_startable, load_config
+    from serve_app.http import load_api_keys
+
+    config = load_config(args.config)
+    for name, problem in check_startable(config).items():
+        print(f"ragfan: warning: retriever {name} will not start: {problem}", file=sys.stderr)
+    api_keys = load_api_keys(config.gateway.api_keys_file)
+    import ray
+
+    try:
+        ray.init(address=args.address, log_to_driver=False)
+    except ConnectionError as exc:
+        raise RagError(f"no Ray cluster at {args.address} ({exc}); start the app first with `ragfan serve`") from None
+    try:
+        applied = apply(config, api_keys=api_keys, route_prefix=args.route_prefix)
+    except RuntimeError as exc:  # a replica failed to start: Serve says which and why
+        print(f"ragfan: error: the changed config did not start: {exc}", file=sys.stderr)
+        return 1
+    print(f"ragfan: applied {args.config} to app {config.app_name} in {applied.seconds:.1f} s:")
+    print("\n".join(applied.lines()))
     return 0
 
 

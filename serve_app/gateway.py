@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,7 +29,7 @@ from actors.versions import SYNC_WAIT_S
 from serve_app.batcher import now
 from serve_app.breaker import CircuitBreaker
 from serve_app.cache import make_cache
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, RetrieverConfig
 from serve_app.fanout import Outcome, describe_error
 from serve_app.fusion import fuse
 from serve_app.lanes import CIRCUIT_OPEN, Ask, EncoderLane, RetrieverLane, slots
@@ -151,47 +151,72 @@ class Gateway:
         this replica follows (`follow_versions`) and reloads through; `live`: the ids of a deployment's
         live replicas (serve_app/reload.py).
         """
-        self.config = config
-        self.weights = {r.name: r.weight for r in config.retrievers}
-        self.cache = make_cache(config.cache)  # one per gateway replica; its lanes share it
         if telemetry is None and config.gateway.metrics:
             telemetry = Telemetry.of(config)
         self.telemetry = telemetry
         self.stats_hub = stats_hub
         self.own_hub = StatsHub(clock=telemetry.clock) if stats_hub is None and telemetry else None
         self.replica = replica
+        self.versions = versions
+        self.live = live
+        self.lanes: dict[str, RetrieverLane] = {}
+        self.encoders: dict[str, EncoderLane] = {}
+        self.configure(config, retrievers, encoders or {})
+
+    def configure(self, config: AppConfig, retrievers: Mapping[str, list[Any]], encoders: Mapping[str, Any]) -> None:
+        """Serve `config` from now on, with these handles: at start, and when a changed config is applied
+        to the running app (`GatewayDeployment.reconfigure`). A lane or encoder lane whose settings did
+        not change is kept, with its breaker, batches in flight and followed version; searches already
+        running finish with the lanes they started with."""
+        before = getattr(self, "config", None)
+        self.config = config
+        self.weights = {r.name: r.weight for r in config.retrievers}
+        if before is None or before.cache != config.cache:
+            self.cache = make_cache(config.cache)  # one per gateway replica; its lanes share it
+        if self.telemetry is not None:
+            self.telemetry.follow(config)
         enc = config.encoder
+        kept_encoders = before is not None and before.encoder == enc
         self.encoders = {
-            model: EncoderLane(model, handle, max_batch_size=enc.batch.max_batch_size,
-                               max_concurrent=slots(enc.batch.max_concurrent_batches, enc.most_replicas),
-                               on_batch=self._on_batch(f"encoder:{model}"))
-            for model, handle in (encoders or {}).items()
+            model: self.encoders[model] if kept_encoders and model in self.encoders else EncoderLane(
+                model, handle, max_batch_size=enc.batch.max_batch_size,
+                max_concurrent=slots(enc.batch.max_concurrent_batches, enc.most_replicas),
+                on_batch=self._on_batch(f"encoder:{model}"))
+            for model, handle in encoders.items()
         }
+        old = {r.name: r for r in before.retrievers} if before is not None else {}
+        keep = kept_encoders and before is not None and before.cache == config.cache
         self.lanes = {
-            r.name: RetrieverLane(
-                r.name,
-                retrievers.get(r.name, []),
-                top_k=r.top_k,
-                timeout_ms=r.timeout_ms,
-                filter_keys=r.filter_keys,
-                max_in_flight=r.max_in_flight,
-                breaker=CircuitBreaker(failures=r.circuit_breaker.failures, cooldown_s=r.circuit_breaker.cooldown_s),
-                batcher_options={
-                    "max_batch_size": r.batch.max_batch_size,
-                    "max_concurrent": slots(r.batch.max_concurrent_batches, r.most_replicas),
-                    "wait_s": r.batch.batch_wait_timeout_s,
-                    "on_batch": self._on_batch(r.name),
-                },
-                encoder=self.encoders.get(r.encoder_model) if r.encoder_model else None,
-                vector_optional=r.kind == "graph",
-                cache=self.cache,
-                deployments=r.deployment_names(),
-            )
+            r.name: self.lanes[r.name] if keep and old.get(r.name) == r else self._lane(r, retrievers.get(r.name, []))
             for r in config.retrievers
         }
-        self.versions = versions
         self.reloader = Reloader(self.lanes, {r.name: r.kind for r in config.retrievers},
-                                 versions if config.enabled else None, live=live)
+                                 self.versions if config.enabled else None, live=self.live)
+
+    def _lane(self, r: RetrieverConfig, handles: list[Any]) -> RetrieverLane:
+        lane = RetrieverLane(
+            r.name,
+            handles,
+            top_k=r.top_k,
+            timeout_ms=r.timeout_ms,
+            filter_keys=r.filter_keys,
+            max_in_flight=r.max_in_flight,
+            breaker=CircuitBreaker(failures=r.circuit_breaker.failures, cooldown_s=r.circuit_breaker.cooldown_s),
+            batcher_options={
+                "max_batch_size": r.batch.max_batch_size,
+                "max_concurrent": slots(r.batch.max_concurrent_batches, r.most_replicas),
+                "wait_s": r.batch.batch_wait_timeout_s,
+                "on_batch": self._on_batch(r.name),
+            },
+            encoder=self.encoders.get(r.encoder_model) if r.encoder_model else None,
+            vector_optional=r.kind == "graph",
+            cache=self.cache,
+            deployments=r.deployment_names(),
+        )
+        previous = self.lanes.get(r.name)
+        if previous is not None and previous.deployments == lane.deployments:
+            lane.follow(previous.pins)  # the version it follows does not change with its settings
+        return lane
 
     async def search(self, request: SearchRequest | dict[str, Any]) -> SearchResponse:
         """The whole search; raises InvalidRequest or NoRetrieverAvailable."""

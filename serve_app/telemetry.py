@@ -128,8 +128,14 @@ class Telemetry:
     @classmethod
     def of(cls, config: AppConfig, **options: Any) -> Telemetry:
         """A recorder for `config`'s retrievers: their deadlines, and which of them are sharded."""
-        return cls({r.name: r.timeout_ms / 1000 for r in config.retrievers},
-                   sharded={r.name for r in config.retrievers if r.shards > 1}, **options)
+        telemetry = cls({}, **options)
+        telemetry.follow(config)
+        return telemetry
+
+    def follow(self, config: AppConfig) -> None:
+        """Record for `config`'s retrievers from now on (a changed config applied to the running app)."""
+        self.deadlines_s = {r.name: r.timeout_ms / 1000 for r in config.retrievers}
+        self.sharded = {r.name for r in config.retrievers if r.shards > 1}
 
     def searched(self, outcomes: Mapping[str, Outcome], answer: Answer, latency_s: float,
                  fusion_s: float | None = None) -> None:
