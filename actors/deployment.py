@@ -34,10 +34,11 @@ from ray import serve
 
 from actors.base import Retriever
 from actors.embedder import limit_threads
-from actors.errors import Cancelled, Conflict, RagError
+from actors.errors import Cancelled, Conflict, DataError, RagError
 from actors.factory import RetrieverSpec, fingerprint, open_retriever, verify_version
+from actors.index import mark_in_use
 from actors.types import CancelToken, Hit, Query, Searched, Unavailable
-from actors.versions import SYNC_WAIT_S, reloadable, version_now
+from actors.versions import SYNC_WAIT_S, reloadable, version_dir, version_now
 
 logger = logging.getLogger("ray.serve")
 
@@ -97,6 +98,12 @@ class RetrieverDeployment:
         self.fingerprint: str | None = None  # what the result cache keys this retriever's answers by
         self.start_error: str | None = None
         pinned = await self._pinned()
+        if pinned is not None and spec.artifacts is not None:
+            try:
+                version_dir(spec, pinned)
+            except DataError as exc:  # deleted by hand: serving the current one beats not serving at all
+                logger.error("retriever %s: %s; opening the current version instead", spec.name, exc.message)
+                pinned = None
         try:
             self.retriever, self.version, self.fingerprint = await asyncio.to_thread(self._open, pinned)
         except Exception as exc:
@@ -140,6 +147,7 @@ class RetrieverDeployment:
             version = version_now(spec)
         pinned = version if spec.artifacts is not None else None
         retriever = open_retriever(spec, version=pinned)
+        self._mark(version)
         if spec.kind != "synthetic":  # synthetic retrievers only sleep: nothing lazy to warm up
             # Pay torch's and FAISS's lazy first-call set-up here, not in the first user's deadline.
             retriever.search([self._warm_up_query(retriever)])
@@ -159,6 +167,7 @@ class RetrieverDeployment:
                 logger.debug("retriever %s: version hub: %s", self.spec.name, exc)
                 await asyncio.sleep(1.0)
                 continue
+            await asyncio.to_thread(self._mark, self.version)  # renewed at least every SYNC_WAIT_S
             pin = pins.get(self.deployment)
             if pin is None or pin == known:
                 continue
@@ -180,6 +189,14 @@ class RetrieverDeployment:
                 self.runner = SearchRunner(retriever.search, max_concurrent=self._max_concurrent)
                 self.start_error = None
             logger.info("retriever %s: now serving version %s (was %s)", self.spec.name, version, before)
+
+    def _mark(self, version: str | None) -> None:
+        """Keep `version`'s directory from being deleted by later ingests while this replica serves it."""
+        if self.spec.artifacts is not None and version is not None:
+            try:
+                mark_in_use(version_dir(self.spec, version))
+            except DataError:
+                pass
 
     def _warm_up_query(self, retriever: Retriever) -> Query:
         if self.spec.shared_encoder:  # a unit vector of the index's dimension stands in for an encoded query

@@ -17,6 +17,9 @@ directory, and a rebuild writes a new version and replaces the link with one ren
     OUT/dense -> .dense.v20250101T120000.000123-1a2b    what readers open, through the link
     OUT/.dense.v20250101T120000.000123-1a2b/            the current version
     OUT/.dense.v20241231T090000.456789-9f8e/            the one before, kept for a reader that opened it
+
+Older versions are deleted, but for one that a running replica marks as in use (`mark_in_use`): a
+replica that starts later must be able to open the version its siblings serve (actors/versions.py).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ from actors.errors import DataError
 
 FORMAT_VERSION = 2  # 2: documents in a DocStore (docs.jsonl + docs.offsets.npy)
 MANIFEST = "manifest.json"
+# A version a running replica serves is kept by `swap_in`, however many rebuilds come after it, while
+# this file in it is younger than IN_USE_TTL_S; replicas renew it (actors/versions.py).
+IN_USE = ".in-use"
+IN_USE_TTL_S = 120.0
 T = TypeVar("T")
 
 
@@ -136,9 +143,28 @@ def swap_in(target: Path, *, build: Callable[[Path], dict[str, Any]]) -> Path:
     os.symlink(version.name, link)  # relative: the output directory can be moved or mounted elsewhere
     os.replace(link, target)
     for old in versions(target):
-        if old not in (version, previous):
+        if old not in (version, previous) and not in_use(old):
             shutil.rmtree(old, ignore_errors=True)
     return version
+
+
+def mark_in_use(directory: Path) -> None:
+    """Say that a running replica serves this version: `swap_in` keeps it while the mark is fresh.
+
+    Replicas renew it while they serve the version (actors/deployment.py). Best effort: on storage
+    this process cannot write, nothing is marked, and an old version goes as before."""
+    try:
+        (directory / IN_USE).touch()
+    except OSError:
+        pass
+
+
+def in_use(directory: Path) -> bool:
+    """Whether a replica marked this version within IN_USE_TTL_S."""
+    try:
+        return time.time() - (directory / IN_USE).stat().st_mtime < IN_USE_TTL_S
+    except OSError:
+        return False
 
 
 def versions(target: Path) -> list[Path]:

@@ -216,6 +216,8 @@ def summarize(args, searches, switches, peaks) -> dict[str, Any]:
     by_kind: dict[str, list[float]] = {}
     for w in switches:
         by_kind.setdefault(f"{w['kind']} {w['what']}", []).append(w["seconds"])
+    for w in switches:  # each switch's own searches: those that started while it was in progress
+        w["searches"] = stats([s for s in searches if w["start"] <= s["t"] <= w["end"] + 0.5])
     result = {
         "config": "2-shard dense + BM25 from artifacts" if args.sharded else "embedded default",
         "clients": CLIENTS,

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from actors.errors import Conflict, DataError, NotFound
-from actors.index import swap_in
+from actors.index import IN_USE, IN_USE_TTL_S, mark_in_use, swap_in
 from actors.spec import KeywordOptions, RetrieverSpec, SyntheticOptions
 from actors.synthetic import SyntheticRetriever
 from actors.types import Searched
@@ -44,6 +45,22 @@ def test_a_version_is_the_directory_the_link_points_to_and_stays_openable_after_
     swap_in(link, build=build("three"))  # ingest keeps the current version and the one before
     with pytest.raises(DataError, match=f"version {v1} is gone"):
         version_dir(spec, v1)
+
+
+def test_a_version_a_replica_marks_in_use_outlives_later_rebuilds_until_the_mark_is_stale(tmp_path):
+    link = tmp_path / "keyword"
+    spec = RetrieverSpec(name="k", options=KeywordOptions(), artifacts=link)
+    swap_in(link, build=build("served"))
+    served = version_now(spec)
+    mark_in_use(version_dir(spec, served))
+    for text in ("two", "three", "four"):
+        swap_in(link, build=build(text))
+    assert (version_dir(spec, served) / "docs.txt").read_text() == "served"
+    stale = time.time() - IN_USE_TTL_S - 1
+    os.utime(version_dir(spec, served) / IN_USE, (stale, stale))
+    swap_in(link, build=build("five"))
+    with pytest.raises(DataError, match="is gone"):
+        version_dir(spec, served)
 
 
 def test_a_data_retriever_is_versioned_by_its_content_and_a_plain_directory_by_its_manifest(tmp_path):
