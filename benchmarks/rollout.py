@@ -4,12 +4,16 @@
     .venv/bin/python -m benchmarks.rollout --sharded                    # a 2-shard dense retriever + BM25
     .venv/bin/python -m benchmarks.rollout --output docs/data/rollout-demo.json
 
-It starts a local cluster with the app, and 16 closed-loop HTTP clients that search without pause
+The app is the embedded default's five retrievers, each served from artifacts that `ragfan ingest`
+builds from the same data file, or with `--sharded` its corpus as a 2-shard dense retriever beside
+BM25. It starts a local cluster with it, and 16 closed-loop HTTP clients that search without pause
 (`cache: false`, so every search reaches the retrievers). After a steady stretch it reloads every
-retriever that holds an index three times over (POST /v1/retrievers/{name}/reload), kills one replica of
-the first dense retriever with `ray.kill` between the first and the second round, then applies one
-changed config (a deadline and a weight, as `ragfan serve --config NEW --address` does), and ends
-with another steady stretch. It samples every process's RSS every 0.25 s.
+retriever three times over (POST /v1/retrievers/{name}/reload), each time onto a version of its own
+(a copy of the served one, swapped in as `ragfan ingest` swaps a rebuild), kills one replica of the
+first dense retriever with `ray.kill` between the first and the second round, then applies one
+changed config (a deadline and a weight, with `ragfan apply`'s function), and ends
+with another steady stretch, for `--duration` (75 s) at the least. It samples every process's RSS
+every 0.25 s.
 
 It reports: failed searches (any answer but 200), the degraded share and p99 latency of searches that
 started while a switch was in progress against the rest, how long each switch took, and the peak RSS
@@ -87,7 +91,7 @@ def configs(sharded: bool, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     data = DEFAULT_CONFIG.parent / "data"
-    for r in raw["retrievers"]:
+    for r in [] if sharded else raw["retrievers"]:
         source = data / Path(r.pop("data")).name
         kind = r["kind"]
         out = work / "out" / r["name"]
@@ -191,7 +195,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if round_ == 0:
                 await switch("kill", dense.deployment_names()[0], kill)
         await switch("apply", "config", apply)
-        await asyncio.sleep(args.steady)
+        # a steady stretch after the switches, and at least --duration seconds of load in all
+        await asyncio.sleep(max(args.steady, args.duration - (time.perf_counter() - t_start)))
         stop.set()
         await asyncio.gather(*clients)
     sampler.stop.set()
@@ -216,8 +221,17 @@ def summarize(args, searches, switches, peaks) -> dict[str, Any]:
     by_kind: dict[str, list[float]] = {}
     for w in switches:
         by_kind.setdefault(f"{w['kind']} {w['what']}", []).append(w["seconds"])
+    def within(windows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [s for s in searches if any(w["start"] <= s["t"] <= w["end"] + 0.5 for w in windows)]
+
     for w in switches:  # each switch's own searches: those that started while it was in progress
-        w["searches"] = stats([s for s in searches if w["start"] <= s["t"] <= w["end"] + 0.5])
+        w["searches"] = stats(within([w]))
+    # The reload right after the kill waits for Serve's replacement replica: it belongs to the kill.
+    after_kill = {i + 1 for i, w in enumerate(switches) if w["kind"] == "kill"}
+    groups = {"reloads": [w for i, w in enumerate(switches) if w["kind"] == "reload" and i not in after_kill],
+              "kill, until the replacement serves": [w for i, w in enumerate(switches)
+                                                     if w["kind"] == "kill" or i in after_kill],
+              "apply": [w for w in switches if w["kind"] == "apply"]}
     result = {
         "config": "2-shard dense + BM25 from artifacts" if args.sharded else "embedded default",
         "clients": CLIENTS,
@@ -225,6 +239,7 @@ def summarize(args, searches, switches, peaks) -> dict[str, Any]:
         "all": stats(searches),
         "during_switches": stats([s for s in searches if during(s)]),
         "steady": stats([s for s in searches if not during(s)]),
+        "by_switch": {name: stats(within(windows)) for name, windows in groups.items()},
         "failed_statuses": sorted({str(s["status"]) for s in searches if s["status"] != 200}),
         "switch_seconds_median": {k: round(statistics.median(v), 3) for k, v in by_kind.items()},
         "switches": switches,
@@ -240,11 +255,12 @@ def main() -> None:
     parser.add_argument("--sharded", action="store_true", help="a 2-shard dense retriever and BM25, from artifacts")
     parser.add_argument("--steady", type=float, default=10.0, help="seconds of steady load before and after")
     parser.add_argument("--gap", type=float, default=2.0, help="seconds between two switches")
+    parser.add_argument("--duration", type=float, default=75.0, help="seconds of load at the least (default 75)")
     parser.add_argument("--output", help="write the results as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("RAGFAN_CACHE_DIR", str(Path.home() / ".cache" / "ragfan"))
     result = asyncio.run(run(args))
-    print(json.dumps({k: result[k] for k in ("config", "duration_s", "all", "during_switches", "steady",
+    print(json.dumps({k: result[k] for k in ("config", "duration_s", "all", "during_switches", "steady", "by_switch",
                                              "failed_statuses", "switch_seconds_median", "replica_peak_rss_mb")},
                      indent=2))
     if args.output:
