@@ -274,15 +274,18 @@ class Gateway:
             for name in selected:
                 selecting.setdefault(name, []).append(i)
         asks = {name: [_ask(searches[i][0]) for i in indices] for name, indices in selecting.items()}
+        # The lanes these searches were validated against, throughout: a changed config applied
+        # meanwhile (`configure`) serves the searches that come after.
+        lanes = self.lanes
         # The result cache first: a text that every lane of its model finds there is never encoded.
-        found = await asyncio.gather(*(self.lanes[name].lookup(group) for name, group in asks.items()))
+        found = await asyncio.gather(*(lanes[name].lookup(group) for name, group in asks.items()))
         lookups = dict(zip(asks, found, strict=True))
         missed = [(name, i) for name, indices in selecting.items()
                   for j, i in enumerate(indices) if lookups[name].found[j] is None]
-        encodings = self._encode(searches, missed)
+        encodings = self._encode(searches, missed, lanes)
         try:
             answers = await asyncio.gather(*(
-                self.lanes[name].search_many(group, encodings.get(self._model(name)), lookups[name])
+                lanes[name].search_many(group, encodings.get(_model(lanes[name])), lookups[name])
                 for name, group in asks.items()
             ))
         finally:
@@ -294,24 +297,23 @@ class Gateway:
                    for (name, indices), outcomes in zip(selecting.items(), answers, strict=True)}
         return [{name: by_lane[name][i] for name in selected} for i, (_, selected) in enumerate(searches)]
 
-    def _model(self, name: str) -> str | None:
-        encoder = self.lanes[name].encoder
-        return encoder.model if encoder is not None else None
-
-    def _encode(self, searches: list[tuple[SearchRequest, list[str]]], missed: list[tuple[str, int]]
-                ) -> dict[str | None, asyncio.Future]:
+    def _encode(self, searches: list[tuple[SearchRequest, list[str]]], missed: list[tuple[str, int]],
+                lanes: Mapping[str, RetrieverLane]) -> dict[str | None, asyncio.Future]:
         """One encoding task per model, of every text that a lane of it must search (`missed`: the
         lane, and the search's index), for as long as the longest of their deadlines."""
         texts: dict[str, dict[str, None]] = {}  # per model, each text once, in order
         timeout_ms: dict[str, int] = {}
+        encoders: dict[str, EncoderLane] = {}
         for name, i in missed:
-            request, model, lane = searches[i][0], self._model(name), self.lanes[name]
-            if model is not None:
+            request, lane = searches[i][0], lanes[name]
+            model = _model(lane)
+            if lane.encoder is not None and model is not None:
+                encoders[model] = lane.encoder
                 texts.setdefault(model, {})[request.query] = None
                 own = min(lane.timeout_ms, request.timeout_ms or lane.timeout_ms)
                 timeout_ms[model] = max(timeout_ms.get(model, 0), own)
         return {
-            model: asyncio.ensure_future(self.encoders[model].encode_many(list(t), timeout_s=timeout_ms[model] / 1000))
+            model: asyncio.ensure_future(encoders[model].encode_many(list(t), timeout_s=timeout_ms[model] / 1000))
             for model, t in texts.items()
         }
 
@@ -326,7 +328,8 @@ class Gateway:
         if not ok and all(self._out_of_its_own_time(request, n, o) for n, o in outcomes.items()):
             return []  # the request's own deadline left no time: a degraded answer, not a failure
         if not ok:
-            retry = [self.lanes[n].breaker.retry_in_s() for n, o in outcomes.items() if o.error == CIRCUIT_OPEN]
+            retry = [lane.breaker.retry_in_s() for n, o in outcomes.items()
+                     if o.error == CIRCUIT_OPEN and (lane := self.lanes.get(n)) is not None]
             raise NoRetrieverAvailable(
                 "no selected retriever answered",
                 {name: {"status": o.status, "error": o.error} for name, o in outcomes.items()},
@@ -350,7 +353,8 @@ class Gateway:
     def _out_of_its_own_time(self, request: SearchRequest, name: str, outcome: Outcome) -> bool:
         """Whether a lane timed out within the request's `timeout_ms`, before its own deadline."""
         own = request.timeout_ms
-        return outcome.status == "timeout" and own is not None and own < self.lanes[name].timeout_ms
+        lane = self.lanes.get(name)  # None: a retriever a changed config removed while this search ran
+        return outcome.status == "timeout" and own is not None and lane is not None and own < lane.timeout_ms
 
     def answer(self, request: SearchRequest, outcomes: dict[str, Outcome], results: list[Result],
                started: float) -> SearchResponse:
@@ -491,6 +495,10 @@ class Gateway:
         batches = {name: dict(lane.batcher.sizes) for name, lane in self.lanes.items()}
         batches |= {f"encoder:{model}": dict(lane.batcher.sizes) for model, lane in self.encoders.items()}
         return {"batches": batches}
+
+
+def _model(lane: RetrieverLane) -> str | None:
+    return lane.encoder.model if lane.encoder is not None else None
 
 
 def _ask(request: SearchRequest) -> Ask:

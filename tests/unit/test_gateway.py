@@ -245,3 +245,39 @@ def test_the_openapi_schema_states_the_configs_rules(client):
     assert request["retrievers"]["anyOf"][0]["items"]["enum"] == ["a", "b", "c"]
     assert request["filters"]["anyOf"][0]["propertyNames"] == {"enum": ["domain"]}
     assert schema["FusionOptions"]["properties"]["weights"]["anyOf"][0]["propertyNames"]["enum"] == ["a", "b", "c"]
+
+
+class SlowToDescribe:
+    """A replica whose `describe` (the lane asks it first, for the result cache's key) waits for `gate`."""
+
+    def __init__(self, retriever) -> None:
+        self.retriever, self.gate, self.asked = retriever, asyncio.Event(), asyncio.Event()
+
+    async def describe(self):
+        self.asked.set()
+        await self.gate.wait()
+        return self.retriever.describe()
+
+    async def search(self, queries):
+        return self.retriever.search(queries)
+
+
+async def test_a_changed_config_applied_mid_search_serves_later_searches_and_spares_the_running_one(replicas, docs):
+    gated = SlowToDescribe(replicas["c"])
+    gateway, handles = gateway_over({**replicas, "c": gated})
+    running = asyncio.ensure_future(gateway.search({"query": "cancer risk"}))
+    await gated.asked.wait()  # the search is looking c up in the result cache
+    without_c = parse_config({"retrievers": [
+        {"name": name, "kind": "synthetic", "data": "unused.jsonl", "timeout_ms": 3000 if name == "b" else 2000,
+         "filter_keys": ["domain"]}
+        for name in ("a", "b")]}, base_dir=Path("."))
+    kept = gateway.lanes["a"]
+    gateway.configure(without_c, {"a": handles["a"], "b": handles["b"]}, {})
+    assert gateway.lanes["a"] is kept and gateway.lanes["b"].timeout_ms == 3000 and "c" not in gateway.lanes
+    gated.gate.set()
+    answer = await running  # validated with c, answered although c is gone from the config now
+    assert answer.retrievers["a"].status == "ok" and "c" not in answer.retrievers
+    later = await gateway.search({"query": "cancer risk"})
+    assert set(later.retrievers) == {"a", "b"}
+    with pytest.raises(InvalidRequest, match="unknown retriever"):
+        await gateway.search({"query": "cancer risk", "retrievers": ["c"]})
