@@ -14,11 +14,13 @@ the new source into chunks, matches them to the current version's by chunk id an
 embeds only the chunks that are new or whose text changed; the others take their stored vectors
 back from the current index (`reconstruct_n`, exact for flat and HNSW-flat). Chunks of documents
 that are gone are dropped. The index (flat or HNSW), the BM25 matrices and the document store are
-then rebuilt whole from the new chunks and swapped in as a new version, as a full build is, so the
-result is the index a full rebuild would give. An incremental build needs the same model, text
-field, chunking and index type as the current version; otherwise, or with `full=True`
-(`ragfan ingest --full`), everything is embedded again, and the run says why. The manifest and
-the report count the chunks `added`, `changed`, `removed` and `reused` (taken over unchanged).
+then rebuilt whole from the new chunks and swapped in as a new version, as a full build is: the
+same chunks in the same order, with the vectors a full rebuild would embed (up to the last bits
+that a text's vector may differ by between batches, 1e-7 on SciFact). An incremental build needs
+the same model, text field, chunking and index type as the current version; otherwise, or with
+`full=True` (`ragfan ingest --full`), everything is embedded again, and the run says why. The
+manifest and the report count the chunks `added`, `changed`, `removed` and `reused` (taken over
+unchanged).
 """
 
 from __future__ import annotations
