@@ -138,13 +138,14 @@ class RetrieverDeployment:
         before opening: if a rebuild swaps the link in between, this still opens the named one.
         """
         spec = self.spec
-        if version is None and spec.kind != "synthetic":
-            version = version_now(spec)
-        if spec.artifacts is None and version is not None and version != version_now(spec):
-            # a data file has no older versions on disk: open it as it is now, and say which version that is
-            logger.warning("retriever %s: %s was pinned, but its data file is now %s; serving the file as it is",
-                           spec.name, version, version_now(spec))
-            version = version_now(spec)
+        now = version_now(spec) if spec.kind != "synthetic" else None
+        if spec.artifacts is None:
+            if version is not None and version != now:
+                # a data file has no older versions on disk: open it as it is now, and say which version that is
+                logger.warning("retriever %s: %s was pinned, but its data file is now %s; serving the file as it is",
+                               spec.name, version, now)
+            version = now
+        version = version or now
         pinned = version if spec.artifacts is not None else None
         retriever = open_retriever(spec, version=pinned)
         self._mark(version)

@@ -101,6 +101,7 @@ class Member:
     serving: str | None  # the version it serves (a gateway replica: the pin it follows)
     failed: str | None = None  # a pinned version it could not open ...
     error: str | None = None  # ... and why
+    told: str | None = None  # the pin the hub last answered it: a replica still starting opens that one
 
 
 class VersionHub:
@@ -153,7 +154,10 @@ class VersionHub:
                 await asyncio.wait_for(self._moved.wait(), left)
             except TimeoutError:
                 break
-        return {d: self.pins.get(d) for d in seen}
+        pins = {d: self.pins.get(d) for d in seen}
+        for deployment in serving:
+            self.members[deployment][member].told = pins.get(deployment)
+        return pins
 
     def state(self, deployments: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Per deployment: its pin, and each member's last report."""

@@ -13,7 +13,9 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache, partial
@@ -136,11 +138,18 @@ class VersionsDeployment(VersionHub):
     """The app's one VersionHub: which index version each retriever deployment serves (actors/versions.py)."""
 
 
+_named: tuple[float, list[dict[str, str]]] = (-math.inf, [])  # when the cluster's named actors were listed, and them
+NAMED_TTL_S = 0.5  # one listing serves every deployment of a /v1/retrievers, and a reload's polls for this long
+
+
 async def live_replicas(app: str, deployment: str) -> list[str]:
-    """The ids of the deployment's live replicas, from the names of their actors."""
+    """The ids of the deployment's live replicas, from the names of their actors (a listing at most
+    NAMED_TTL_S old: the GCS lists every named actor of the cluster each time)."""
+    global _named
+    if time.monotonic() - _named[0] > NAMED_TTL_S:
+        _named = (time.monotonic(), await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True))
     prefix = f"SERVE_REPLICA::{app}#{deployment}#"
-    named = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
-    return [a["name"][len(prefix):] for a in named if a["name"].startswith(prefix)]
+    return [a["name"][len(prefix):] for a in _named[1] if a["name"].startswith(prefix)]
 
 
 @serve.deployment(name="stats", num_replicas=1, ray_actor_options={"num_cpus": 0.05},

@@ -350,11 +350,9 @@ def query(args: argparse.Namespace) -> int:
                 return _query_file(client, _read_queries(args.file), options, args)
             response = client.search(args.text, **options)
     except Unauthorized:
-        print("ragfan: error: the service needs an API key: pass --api-key or set RAGFAN_API_KEY", file=sys.stderr)
-        return 2
+        return _needs_key()
     except httpx.TransportError as exc:
-        print(f"ragfan: error: cannot reach ragfan at {args.url} ({exc}). Is `make serve` running?", file=sys.stderr)
-        return 1
+        return _unreachable(args.url, exc)
     except RagError as exc:
         return _report(exc, args.url)
     print(response.model_dump_json(indent=2) if args.json else format_response(response))
@@ -386,6 +384,16 @@ def apply_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needs_key() -> int:
+    print("ragfan: error: the service needs an API key: pass --api-key or set RAGFAN_API_KEY", file=sys.stderr)
+    return 2
+
+
+def _unreachable(url: str, exc: Exception) -> int:
+    print(f"ragfan: error: cannot reach ragfan at {url} ({exc}). Is `make serve` running?", file=sys.stderr)
+    return 1
+
+
 def reload_command(args: argparse.Namespace) -> int:
     import httpx
 
@@ -398,11 +406,9 @@ def reload_command(args: argparse.Namespace) -> int:
         with client:
             answer = client.reload(args.name)
     except Unauthorized:
-        print("ragfan: error: the service needs an API key: pass --api-key or set RAGFAN_API_KEY", file=sys.stderr)
-        return 2
+        return _needs_key()
     except httpx.TransportError as exc:
-        print(f"ragfan: error: cannot reach ragfan at {args.url} ({exc}). Is `make serve` running?", file=sys.stderr)
-        return 1
+        return _unreachable(args.url, exc)
     except RagError as exc:
         print(f"ragfan: error: {exc.message}", file=sys.stderr)
         return 2 if isinstance(exc, Conflict | NotFound) else 1

@@ -345,6 +345,8 @@ def _openapi_with_rules(api: FastAPI, gateway: Gateway, *, secured: bool) -> Cal
         if not keys:
             request["filters"]["anyOf"][0]["maxProperties"] = 0
         components["FusionOptions"]["properties"]["weights"]["anyOf"][0]["propertyNames"] = names
+        for parameter in schema["paths"]["/v1/retrievers/{name}/reload"]["post"]["parameters"]:
+            parameter["schema"] = {**parameter["schema"], **names}
         searches = components["BatchSearchRequest"]["properties"]["searches"]
         # Any JSON value: each is checked as a SearchRequest on its own, and a bad one is answered 422
         # in its place while the batch answers 200, so the schema must not refuse the whole batch for it.

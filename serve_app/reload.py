@@ -125,7 +125,7 @@ class Reloader:
                 raise Conflict(f"{lane.name}: replica {refused.replica} refused version {refused.failed}; every "
                                f"replica keeps serving {_joined(before, lane)}")
             version = "|".join(target[d] for d in lane.deployments)
-            waiting = [r.replica for r in replicas if r.version != target[r.deployment]]
+            waiting = [r.replica for r in replicas if r.version != target[r.deployment] and not r.opening]
             waiting += [g for g, followed in gateways.items() if followed != version]
             if not waiting:
                 return replicas
@@ -145,10 +145,14 @@ class Reloader:
         for d in lane.deployments:
             members = state[d]["members"]
             live = await self.live(d) if self.live is not None else [m for m in members if not m.startswith(GW)]
-            for m in live:
-                report = members.get(m) or {}
+            # A replica not yet in the hub has not started: it asks for the pin first thing, and opens it.
+            for m in (m for m in live if m in members):
+                report = members[m]
                 failed = f"{report['failed']}: {report['error']}" if report.get("failed") else None
-                replicas.append(ReplicaVersion(replica=m, deployment=d, version=report.get("serving"), failed=failed))
+                # still starting, and told the pin now: it opens that, and needs no waiting for here
+                opening = report.get("serving") is None and report.get("told") == state[d]["pin"]
+                replicas.append(ReplicaVersion(replica=m, deployment=d, version=report.get("serving"), failed=failed,
+                                               opening=opening))
             for g in live_gateways if live_gateways is not None else [m for m in members if m.startswith(GW)]:
                 gateways.setdefault(g, []).append((members.get(g) or {}).get("serving"))
         followed = {g: None if None in vs else "|".join(vs) for g, vs in gateways.items()}  # type: ignore[arg-type]

@@ -189,6 +189,7 @@ class ReplicaVersion(BaseModel):
     deployment: str = Field(description="the retriever's deployment, or the shard's (`corpus-shard0`)")
     version: str | None = Field(description="the version it serves; null: it has not reported one")
     failed: str | None = Field(None, description="a pinned version it could not open, and why")
+    opening: bool = Field(False, description="it is still starting, and opens the pinned version")
 
 
 class ReloadRequest(BaseModel):

@@ -4,6 +4,8 @@ removed starts or stops only its own deployment."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -17,15 +19,19 @@ from tests.integration.conftest import synthetic, wait_until
 pytestmark = pytest.mark.integration
 
 
-def config(**changes):
+def raw(**changes) -> dict:
     retrievers = {"a": synthetic("a", delay_ms=20), "b": synthetic("b", delay_ms=20)}
     for name, fields in changes.items():
         if fields is None:
             retrievers.pop(name, None)
         else:
             retrievers[name] = {**retrievers.get(name, synthetic(name, delay_ms=20)), **fields}
-    return parse_config({"app_name": "applied", "cache": None, "gateway": {"ray_actor_options": {"num_cpus": 0.1}},
-                         "retrievers": list(retrievers.values())}, base_dir=Path("."))
+    return {"app_name": "applied", "cache": None, "gateway": {"ray_actor_options": {"num_cpus": 0.1}},
+            "retrievers": list(retrievers.values())}
+
+
+def config(**changes):
+    return parse_config(raw(**changes), base_dir=Path("."))
 
 
 class Load:
@@ -98,3 +104,21 @@ def test_a_replica_count_scales_without_restarting_the_replica_that_runs(applied
     assert before["a"] < scaled.after["a"] and len(scaled.after["a"]) == 2
     assert {d: ids for d, ids in scaled.after.items() if d != "a"} == {d: ids for d, ids in before.items() if d != "a"}
     assert any(line.split()[0] == "a" and "scaled from 1 to 2 replicas, 1 kept" in line for line in scaled.lines())
+
+
+def test_ragfan_apply_on_the_command_line_reports_what_serve_kept(applied, tmp_path):
+    import yaml
+
+    apply(config(), api_keys=[], route_prefix="/applied")  # whatever the tests before left: the config below
+    path = tmp_path / "same.yaml"
+    path.write_text(yaml.safe_dump(raw()))
+    done = subprocess.run([sys.executable, "-m", "serve_app.cli", "apply", "--config", str(path), "--address", "auto",
+                           "--route-prefix", "/applied"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"ragfan: applied {path} to app applied in ")
+    assert "  a                    kept (1 replica)" in done.stdout and "restarted" not in done.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**raw(), "gateway": {"max_body_bytes": 10}}))
+    refused = subprocess.run([sys.executable, "-m", "serve_app.cli", "apply", "--config", str(bad)],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "gateway.max_body_bytes" in refused.stderr and "Traceback" not in refused.stderr

@@ -36,7 +36,7 @@ REJECTED = '[checks.negative_data_rejection]\nexpected-statuses = ["400", "401",
     '"409", "413", "415", "422", "428", "429", "5xx"]\n'
 
 ROUTES = {("/v1/search", "post"), ("/v1/search/batch", "post"), ("/v1/retrievers", "get"), ("/v1/stats", "get"),
-          ("/dashboard", "get"), ("/healthz", "get")}
+          ("/v1/retrievers/{name}/reload", "post"), ("/dashboard", "get"), ("/healthz", "get")}
 OPEN = {"/healthz", "/dashboard"}  # the page holds no figures; it asks /v1/stats for them, with the key
 
 

@@ -107,7 +107,7 @@ async def test_a_member_that_could_not_open_the_pin_says_so_and_is_not_woken_for
                          wait_s=0.01)
     assert got == {"kw": "v2"}
     member = hub.state(["kw"])["kw"]["members"]["r1"]
-    assert member == {"serving": "v1", "failed": "v2", "error": "checksum mismatch"}
+    assert member == {"serving": "v1", "failed": "v2", "error": "checksum mismatch", "told": "v2"}
 
 
 # -- the reloader, on fake handles ------------------------------------------------------------------
@@ -224,3 +224,25 @@ async def test_once_the_pin_moves_no_answer_of_the_old_version_is_read_or_writte
     new = (await lane.search_many([ask]))[0]
     assert (new.cache, new.version) == ("miss", "v2")
     assert (await lane.search_many([ask]))[0].cache == "hit"
+
+
+async def test_a_replica_still_starting_that_was_told_the_new_pin_is_not_waited_for_but_one_told_the_old_is(reloading):
+    hub, link, replicas, lane, reloader = reloading
+    await replicas[0].follow_once()
+    await follow(hub, lane)
+    await hub.sync.remote("early", {"kw": None})  # started before the reload: told v1, still opening it
+    link[0] = "v2"
+    reload = asyncio.ensure_future(reloader.reload("kw"))
+    await asyncio.sleep(0.1)
+    await replicas[0].follow_once()
+    await follow(hub, lane)
+    await hub.sync.remote("late", {"kw": None})  # started after the pin: told v2, opens v2
+    await asyncio.sleep(0.1)
+    assert not reload.done()  # "early" will come up on v1
+    await hub.sync.remote("early", {"kw": "v1"}, known={"kw": "v1"})
+    await asyncio.sleep(0.1)
+    assert not reload.done()
+    await hub.sync.remote("early", {"kw": "v2"})
+    answer = await asyncio.wait_for(reload, 5)
+    assert {(r.replica, r.version, r.opening) for r in answer.replicas} == {
+        ("r0", "v2", False), ("early", "v2", False), ("late", None, True)}
