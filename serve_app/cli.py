@@ -264,6 +264,7 @@ def ingest_command(args: argparse.Namespace) -> int:
         triples = source
     if "graph" in kinds and triples is None:
         raise RagError("the graph kind needs triples: pass --triples FILE (TSV or JSONL)")
+    joined = not ray.is_initialized()  # a Ray this command starts or joins is its own to shut down, not a caller's
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     try:
@@ -284,7 +285,7 @@ def ingest_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise RagError(str(exc)) from None
     finally:
-        if ray.is_initialized():
+        if joined and ray.is_initialized():
             ray.shutdown()
     # docs: the chunks in the index; added .. reused: chunks against the version before; embedded: by this run
     print(f"{'kind':<8} {'status':<11} {'docs':>8} {'added':>7} {'changed':>7} {'removed':>7} {'reused':>8} "
