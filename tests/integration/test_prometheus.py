@@ -37,7 +37,7 @@ AUTH = {"Authorization": f"Bearer {WATCH_KEY}"}
 WARM_UP = 6  # searches that open `failing`'s breakers and create every series before the counts start
 SEARCHES = 60  # the searches counted
 WATCH = 'application="watch"'
-SCRAPE_S = 3
+SCRAPE_MIN_S = 3  # the scrape interval and timeout, at least; more when one export takes longer (see `prometheus`)
 T = TypeVar("T")
 
 
@@ -57,10 +57,12 @@ def prometheus(metrics_port, tmp_path_factory) -> Iterator[str]:
     """A Prometheus scraping the session's Ray metrics export every second; its URL."""
     root = tmp_path_factory.mktemp("prometheus")
     config = root / "prometheus.yml"
+    # Not every second: with the whole suite's apps deployed, one export of Ray's metrics (tens of thousands of
+    # series, on two busy cores) takes seconds, and a scrape past its timeout is dropped (`up` is 0). So time
+    # the export here and give Prometheus three times the slowest of three reads.
+    scrape_s = max(SCRAPE_MIN_S, math.ceil(3 * max(export_seconds(metrics_port) for _ in range(3))))
     config.write_text(yaml.safe_dump({
-        # Not every second: with the whole suite's apps deployed, one scrape of Ray's export (thousands of
-        # series, on two busy cores) can take longer than a second, and a scrape past its timeout is dropped.
-        "global": {"scrape_interval": f"{SCRAPE_S}s", "scrape_timeout": f"{SCRAPE_S}s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": f"{scrape_s}s", "scrape_timeout": f"{scrape_s}s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}],
     }))
     url = f"http://127.0.0.1:{free_port()}"
@@ -82,7 +84,7 @@ def prometheus(metrics_port, tmp_path_factory) -> Iterator[str]:
 
             assert eventually(ready, bool, timeout_s=60), log_path.read_text()[-2000:]
             up = eventually(lambda: query(url, 'up{job="ray"}'), lambda r: bool(r) and r[0]["value"][1] == "1")
-            assert up and up[0]["value"][1] == "1", up
+            assert up and up[0]["value"][1] == "1", (up, scrape_s, last_scrape_error(url))
             yield url
         finally:
             process.terminate()
@@ -91,6 +93,20 @@ def prometheus(metrics_port, tmp_path_factory) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def export_seconds(metrics_port: int) -> float:
+    """How long one read of Ray's whole metrics export takes now."""
+    start = time.monotonic()
+    httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=60).raise_for_status()
+    return time.monotonic() - start
+
+
+def last_scrape_error(prometheus: str) -> str:
+    """Why Prometheus's last scrape of each target failed, as its targets API says."""
+    targets = httpx.get(f"{prometheus}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+    return "; ".join(f"{t['scrapeUrl']}: {t['lastError'] or 'no error'} ({t['lastScrapeDuration']:.2f} s)"
+                     for t in targets)
 
 
 def query(prometheus: str, promql: str) -> list[dict[str, Any]]:
