@@ -200,13 +200,15 @@ class RetrieverLane:
             raise
         finally:
             self.in_flight -= 1
-        if all(o.status == "timeout" and self._own_deadline(a) for a, o in zip(asks, outcomes, strict=True)):
-            self.breaker.release()  # the callers' own shorter deadlines say nothing about the retriever
-            return outcomes
-        if all(o.cache == "hit" for o in outcomes):
+        # Only what the retriever was asked says anything about it: a cached answer says nothing.
+        asked = [(a, o) for a, o in zip(asks, outcomes, strict=True) if o.cache != "hit"]
+        if not asked:
             self.breaker.release()  # the cache answered: the retriever was not asked
             return outcomes
-        outcome = next((o for o in outcomes if o.status == "ok"), outcomes[0])  # the call answered, or why not
+        if all(o.status == "timeout" and self._own_deadline(a) for a, o in asked):
+            self.breaker.release()  # the callers' own shorter deadlines say nothing about the retriever
+            return outcomes
+        outcome = next((o for _, o in asked if o.status == "ok"), asked[0][1])  # the call answered, or why not
         was = self.breaker.state
         self.breaker.record(outcome.status == "ok")
         self._note(outcome, opened=was != "open" and self.breaker.state == "open")
@@ -278,16 +280,20 @@ class RetrieverLane:
                 if isinstance(answer, asyncio.CancelledError):
                     raise answer
             outcomes = [_outcome(self.name, a, s, elapsed(), note) for a, s in zip(answers, limits, strict=True)]
+            # Only complete answers are kept: never a timeout, an error, or a partial shard answer, nor one
+            # that a version other than the key's fingerprint answered (a reload in progress).
+            complete = {key: o.value for key, o in zip(keys, outcomes, strict=True)
+                        if key and o.status == "ok" and (o.coverage or 1) >= 1 and note is None
+                        and o.version == self.fingerprint_version}
+            for key, future in filling.items():
+                future.set_result(complete.get(key))
         finally:
-            for key in filling:
+            # Every exit resolves what it registered (an encoder timeout or error, a cancellation):
+            # None wakes the identical requests parked on a key, and each then fetches its own answer.
+            for key, future in filling.items():
                 del self._filling[key]
-        # Only complete answers are kept: never a timeout, an error, or a partial shard answer, nor one
-        # that a version other than the key's fingerprint answered (a reload in progress).
-        complete = {key: o.value for key, o in zip(keys, outcomes, strict=True)
-                    if key and o.status == "ok" and (o.coverage or 1) >= 1 and note is None
-                    and o.version == self.fingerprint_version}
-        for key, future in filling.items():
-            future.set_result(complete.get(key))
+                if not future.done():
+                    future.set_result(None)
         if complete and self.cache is not None:
             await self.cache.set_many(complete)
         return outcomes

@@ -6,6 +6,7 @@ The real Redis, killed and restarted under traffic, is in tests/integration/test
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 
@@ -216,3 +217,84 @@ async def test_a_dead_redis_serves_every_search_uncached(cached_gateway):
         lane.cache = down
     r = await gateway.search({"query": "aspirin"})
     assert r.results and states(r) == {"a": ("bypass", False), "d": ("bypass", False)}
+
+
+# -- a fill that ends without an answer hands its waiters back, at once ---------------------------------
+async def until(condition, tries: int = 200) -> None:
+    for _ in range(tries):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
+def resolved(value):
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+@pytest.mark.parametrize("how", ["encoder fails", "encoder times out", "cancelled waiting for the encoder",
+                                 "cancelled at the retriever"])
+async def test_an_identical_request_parked_on_a_fill_that_ends_without_an_answer_fetches_its_own(docs, how):
+    """Every way `_fetch` can end without an answer wakes the requests parked on its key: each then
+    asks on its own and answers, instead of waiting out its deadline and reporting a timeout."""
+    import numpy as np
+
+    from actors.errors import RetrieverFailed
+    from actors.synthetic import SyntheticRetriever
+    from serve_app.cache import MemoryCache
+    from serve_app.lanes import Ask, RetrieverLane
+    from serve_app.testing import FakeHandle
+
+    replica = Replica(SyntheticRetriever(name="d", documents=docs))
+    lane = RetrieverLane("d", [FakeHandle(replica)], top_k=3, timeout_ms=60_000, cache=MemoryCache())
+    vector = np.zeros(4, dtype=np.float32)
+    first_vectors = asyncio.get_running_loop().create_future()
+    if how == "cancelled at the retriever":
+        first_vectors.set_result(vector)
+        replica.gate = asyncio.Event()
+    own_ms = 20 if how == "encoder times out" else None
+    first = asyncio.ensure_future(lane.search_many([Ask("aspirin", 3, timeout_ms=own_ms)], first_vectors))
+    await until(lambda: lane._filling)  # the first is filling the key
+    if how == "cancelled at the retriever":
+        await replica.entered.wait()
+    second = asyncio.ensure_future(lane.search_many([Ask("aspirin", 3)], resolved(vector)))
+    await settle_many()
+    assert not second.done() and replica.searched in ([], ["aspirin"])  # parked on the first's fill
+    try:
+        if how == "encoder fails":
+            first_vectors.set_exception(RetrieverFailed("encoder for default: replica died"))
+        elif how.startswith("cancelled"):
+            first.cancel()
+        if how == "cancelled at the retriever":
+            replica.gate.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        await until(second.done)  # not after its 60 s deadline
+        [outcome] = second.result()
+        assert outcome.status == "ok" and outcome.value and not lane._filling
+    finally:
+        second.cancel()
+
+
+async def settle_many() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_a_batch_with_a_cached_query_still_opens_the_circuit_of_a_dead_retriever(cached_gateway):
+    """The breaker records the outcome of the call the retriever got, never a cached answer's."""
+    from serve_app.breaker import CircuitBreaker
+
+    gateway, replicas, _ = cached_gateway
+    lane = gateway.lanes["a"]
+    lane.breaker = CircuitBreaker(failures=2, cooldown_s=60)
+    await gateway.search({"query": "aspirin", "retrievers": ["a"]})  # cached from now on
+    replicas["a"].fail = True  # the retriever dies
+    for fresh in ("metformin", "p53 cancers"):
+        r = await gateway.search_batch({"searches": [{"query": "aspirin", "retrievers": ["a"]},
+                                                     {"query": fresh, "retrievers": ["a"]}]})
+        cached, failed = r.responses
+        assert states(cached)["a"] == ("hit", True) and failed.status == 503  # the fresh one reached the dead retriever
+    assert lane.breaker.state == "open" and lane.breaker.consecutive_failures == 2
