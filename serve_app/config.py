@@ -73,7 +73,7 @@ class ActorOptions(_Strict):
     """Resources each replica declares to Ray; the scheduler places replicas by them."""
 
     num_cpus: float = Field(0.5, gt=0, description="CPUs per replica; torch/FAISS threads follow it")
-    memory: int | None = Field(None, description="memory reserved per replica, bytes or '1GiB'")
+    memory: int | None = Field(None, ge=0, description="memory reserved per replica, bytes or '1GiB'")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica")
     resources: dict[str, float] | None = Field(
         None, description="custom Ray resources per replica, e.g. {dense: 1} to land on nodes that advertise it"
@@ -132,6 +132,32 @@ class ScalingConfig(_Strict):
     max_queued_requests: int = Field(
         -1, ge=-1, description="requests callers may queue for this deployment before Serve rejects them; -1: no limit"
     )
+
+    # A subclass that declares one of these fields again (for another default) must repeat its bounds:
+    # tests/unit/test_config.py checks that none is dropped, and that Serve takes whatever passes here.
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_limit(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("Input should be -1 (no limit) or at least 1")
+        return v
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _autoscaling(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        # Serve's own model, imported only when there is one to check: what it would refuse once the
+        # cluster is up is refused now, naming the key.
+        from ray.serve.config import AutoscalingConfig
+
+        try:
+            AutoscalingConfig.model_validate(v)
+        except ValidationError as exc:
+            problems = [(".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, "))
+                        for e in exc.errors()]
+            raise ValueError("; ".join(f"{key}: {msg}" if key else msg for key, msg in problems)) from None
+        return v
 
     @property
     def most_replicas(self) -> int:
@@ -269,7 +295,7 @@ class FusionConfig(_Strict):
 
 
 class GatewayConfig(ScalingConfig):
-    max_ongoing_requests: int = 200
+    max_ongoing_requests: int = Field(200, ge=1, description="concurrent requests per replica")
     max_queued_requests: int = Field(200, ge=-1, description="beyond this many waiting, answer 503 at once")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After of a 503 for overload")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get a 413 (bytes or '64KiB')")
@@ -299,7 +325,7 @@ class EncoderConfig(ScalingConfig):
     """The encoder deployment of each model that `encoder: shared` retrievers use (actors/encoder.py)."""
 
     ray_actor_options: ActorOptions = ActorOptions(num_cpus=0.5)
-    max_ongoing_requests: int = 64
+    max_ongoing_requests: int = Field(64, ge=1, description="concurrent requests per replica")
     batch: BatchConfig = BatchConfig(max_batch_size=256, batch_wait_timeout_s=0.0)
 
 

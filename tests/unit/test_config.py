@@ -178,3 +178,55 @@ def test_invalid_custom_resources_are_rejected(resources, message):
     with pytest.raises(ConfigError, match="retrievers.0.ray_actor_options.resources") as info:
         parse_config(minimal(ray_actor_options={"resources": resources}), base_dir=Path("."))
     assert message in info.value.message
+
+
+def test_a_field_a_model_declares_again_keeps_the_bounds_it_had():
+    """An override of a parent's field (a new default, say) must not drop the parent's constraints:
+    `gateway: {max_ongoing_requests: 0}` once passed validation and failed later, inside Serve."""
+    import inspect
+
+    from pydantic import BaseModel
+
+    from actors import spec
+    from serve_app import config as config_module
+    from serve_app import schemas
+
+    lost = []
+    for module in (config_module, schemas, spec):
+        for model in (m for m in vars(module).values() if inspect.isclass(m) and issubclass(m, BaseModel)):
+            for name, field in model.model_fields.items():
+                for parent in (p for p in model.__mro__[1:] if isinstance(p, type) and issubclass(p, BaseModel)):
+                    bounds = parent.model_fields.get(name)
+                    if bounds is not None and not set(bounds.metadata) <= set(field.metadata):
+                        lost.append(f"{model.__name__}.{name} drops {parent.__name__}'s {bounds.metadata}")
+    assert not lost
+
+
+@pytest.mark.parametrize("where", ["gateway", "encoder", "retriever"])
+def test_every_deployment_setting_the_config_accepts_serve_accepts_too(where):
+    """Whatever passes ragfan's validation builds as a Serve app: a bad value is a ConfigError naming its
+    key, never a traceback from Serve's DeploymentConfig once the cluster is up."""
+    from serve_app.app import app_from_config
+
+    settings = [
+        (key, value)
+        for key in ("max_ongoing_requests", "max_queued_requests", "num_replicas")
+        for value in (-2, -1, 0, 1, 2, 0.5)
+    ] + [
+        ("autoscaling_config", value)
+        for value in ({"max_replicas": 0}, {"min_replicas": 3, "max_replicas": 2}, {"min_replicas": -1},
+                      {"max_replicas": 2, "target_ongoing_requests": 0}, {"min_replicas": 0, "max_replicas": 2})
+    ] + [
+        ("ray_actor_options", {key: value}) for key in ("num_cpus", "num_gpus", "memory") for value in (-1, 0, 1)
+    ]
+    for key, value in settings:
+        raw = {"retrievers": [{"name": "d", "kind": "dense", "data": "d.jsonl"}]}
+        target = raw["retrievers"][0] if where == "retriever" else raw.setdefault(where, {})
+        target[key] = value
+        try:
+            config = parse_config(raw, base_dir=Path("."), source="my.yaml")
+        except ConfigError as exc:
+            prefix = "retrievers.0" if where == "retriever" else where
+            assert f"{prefix}.{key}" in exc.message, (key, value, exc.message)
+            continue
+        app_from_config(config, api_keys=[])  # Serve checks each deployment's options here

@@ -88,3 +88,23 @@ def test_serve_refuses_ray_options_for_a_cluster_it_does_not_start(capsys):
         port = s.getsockname()[1]
     assert main(["serve", "--port", str(port), "--address", "auto", "--ray-dashboard"]) == 2
     assert "set them where that cluster is started" in capsys.readouterr().err
+
+
+def test_serve_names_a_setting_serve_would_reject_before_starting_ray(tmp_path, capsys, monkeypatch):
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("ray.init reached: the bad setting was not caught when the config was read")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    (tmp_path / "docs.jsonl").write_text('{"id": "a", "text": "x"}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("gateway: {max_ongoing_requests: 0}\nretrievers: [{name: docs, kind: keyword, data: docs.jsonl}]")
+    with socket.socket() as s:  # a free port: the port check passes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["serve", "--config", str(cfg), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ragfan: error: invalid config {cfg}:")
+    assert "gateway.max_ongoing_requests: Input should be greater than or equal to 1" in err
+    assert "Traceback" not in err and "DeploymentConfig" not in err
