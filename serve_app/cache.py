@@ -14,7 +14,8 @@ Two backends with one interface, both asynchronous:
 - `RedisCache`: one Redis shared by every gateway replica and node. It fails open: when Redis is
   down, slow (past `timeout_s`) or full, `get_many` answers misses and `set_many` drops the write,
   the trouble is logged once, and a circuit breaker stops trying Redis on every request while it
-  is out. `status` then says `bypass`. Losing Redis loses no search, only its speed.
+  is out. `status` then says `bypass`. Losing Redis loses no search, only its speed. A value under
+  the key prefix that does not decode is a miss (logged once), and the search writes it anew.
 
 Only complete answers are stored: the lane never caches a timeout, an error or a partial shard answer.
 """
@@ -124,6 +125,7 @@ class RedisCache:
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False,
         )
         self._trouble: str | None = None
+        self._malformed_logged = False
 
     async def get_many(self, keys: Sequence[str]) -> list[list[Hit] | None] | None:
         if not keys:
@@ -136,7 +138,20 @@ class RedisCache:
             self._failed("read", exc)
             return None
         self._ok()
-        return [decode_hits(r) if r is not None else None for r in raw]
+        return [None if r is None else self._decoded(key, r) for key, r in zip(keys, raw, strict=True)]
+
+    def _decoded(self, key: str, raw: bytes) -> list[Hit] | None:
+        """The hits stored under `key`, or None (a miss) for a value ragfan did not write: another
+        program's, or an older format's, under the key prefix. The search then fills it anew."""
+        try:
+            return decode_hits(raw)
+        except Exception as exc:  # noqa: BLE001  one bad value must not fail the search
+            if not self._malformed_logged:  # once per replica: a bad value is overwritten, not fixed by us
+                logger.warning("result cache %s: malformed value at %s read as a miss (%s: %s); "
+                               "later ones are not logged", _without_password(self.url), key,
+                               type(exc).__name__, str(exc)[:200])
+                self._malformed_logged = True
+            return None
 
     async def set_many(self, items: Mapping[str, Sequence[Hit]]) -> None:
         if not items or not self.breaker.allow():

@@ -298,3 +298,28 @@ async def test_a_batch_with_a_cached_query_still_opens_the_circuit_of_a_dead_ret
         cached, failed = r.responses
         assert states(cached)["a"] == ("hit", True) and failed.status == 503  # the fresh one reached the dead retriever
     assert lane.breaker.state == "open" and lane.breaker.consecutive_failures == 2
+
+
+async def test_a_malformed_value_under_the_prefix_is_a_miss_logged_once(cached_gateway, caplog):
+    """The issue's repro: one search, its Redis values overwritten with a plain string, the same search."""
+    server = fakeredis.FakeServer()
+    redis = fakeredis.FakeAsyncRedis(server=server)
+    cache = RedisCache("redis://fake", client=redis)
+    gateway, replicas, _ = cached_gateway
+    for lane in gateway.lanes.values():
+        lane.cache = cache
+    first = await gateway.search({"query": "aspirin"})
+    keys = await redis.keys("ragfan:v1:*")
+    assert len(keys) == 2
+    for key in keys:
+        await redis.set(key, "not hits")
+    with caplog.at_level(logging.WARNING, logger="ray.serve"):
+        again = await gateway.search({"query": "aspirin"})
+        assert again.results == first.results and states(again) == {"a": ("miss", False), "d": ("miss", False)}
+        for key in keys:
+            await redis.set(key, b"\xff[[")
+        await gateway.search({"query": "aspirin"})
+    assert [r.searched for r in replicas.values()] == [["aspirin"] * 3] * 2  # each malformed value: a miss
+    warnings = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(warnings) == 1 and "ragfan:v1:" in warnings[0]
+    assert states(await gateway.search({"query": "aspirin"})) == {"a": ("hit", True), "d": ("hit", True)}  # rewritten
