@@ -44,7 +44,7 @@ from actors.data import read_aliases, read_triples
 from actors.dense import DenseRetriever, IndexType, make_index
 from actors.docstore import DocStore
 from actors.embedder import DEFAULT_MODEL, SharedEncoderVectors, resolve_model
-from actors.errors import DataError
+from actors.errors import DataError, RagError
 from actors.index import FORMAT_VERSION, MANIFEST, swap_in, verify
 from actors.keyword import KeywordRetriever
 from actors.shards import shard_dir, shard_of
@@ -53,6 +53,7 @@ from actors.types import Document
 
 KINDS = ("dense", "keyword", "graph")
 SHARD = 256
+MIN_CPUS = 0.01  # the least share of a CPU an embedding actor runs on: below it, the cluster has none free
 HASHES = "hashes.json"  # the sha256 of each chunk's text, in index order: what the next run compares with
 Mode = Literal["reused", "incremental", "full"]
 
@@ -112,9 +113,11 @@ class EmbedPool:
     """A pool of Ray actors that embed texts: one per free GPU if there are any, else one per free CPU.
 
     Each actor takes one CPU (and one GPU), loads the model once and runs torch on one thread, so
-    the pool uses what the cluster has free without oversubscribing it. Texts go out in shards of
-    a few hundred, two in flight per actor. `ragfan ingest` and `ragfan serve` (for what the index
-    cache lacks) both embed through it. Close it to give the actors' memory back.
+    the pool uses what the cluster has free without oversubscribing it. With less than one CPU
+    free, one actor takes the share there is; with none, the pool refuses at once (an actor that
+    asks for more than the cluster has free waits for it forever, with no word). Texts go out in
+    shards of a few hundred, two in flight per actor. `ragfan ingest` and `ragfan serve` (for what
+    the index cache lacks) both embed through it. Close it to give the actors' memory back.
     """
 
     def __init__(self, model: str, *, progress: bool = True, workers: int | None = None) -> None:
@@ -126,8 +129,20 @@ class EmbedPool:
         self.progress = progress
         free = ray.available_resources()
         gpus = int(free.get("GPU", 0))
-        self.max_workers = max(1, workers or gpus or int(free.get("CPU", 1)))
-        self._options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+        cpus = math.floor(free.get("CPU", 0.0) * 100) / 100  # Ray takes fractions of a resource, to 1e-4
+        if gpus:  # one actor per GPU, sharing the free CPUs
+            self.max_workers = min(workers or gpus, gpus)
+            self._options: dict[str, float] = {"num_gpus": 1, "num_cpus": min(1, cpus / self.max_workers)}
+        elif cpus >= MIN_CPUS:
+            self.max_workers = min(workers or max(1, int(cpus)), max(1, int(cpus)))
+            self._options = {"num_cpus": min(1, cpus)}
+        else:
+            total = ray.cluster_resources().get("CPU", 0.0)
+            raise RagError(
+                f"embedding needs a CPU free on the Ray cluster; it has {total:g} CPUs and none is free: running "
+                "actors hold them all (a ragfan app's replicas, say). Stop what holds them (`make serve`, "
+                "`ragfan serve`), add a node, or run without --address so that ragfan starts a cluster of its own"
+            )
         self._pool: list[Any] = []
 
     def encode(self, texts: Sequence[str], desc: str = "embedding") -> np.ndarray:

@@ -135,8 +135,10 @@ def evaluate(
     started = time.perf_counter()
     dataset = Path(dataset)
     queries, qrels = load_beir(dataset, split)
-    own_cluster = not ray.is_initialized()
-    if own_cluster:
+    artifacts = default_cache_dir() / "datasets" / dataset.resolve().name
+    connected = not ray.is_initialized()  # a Ray this run starts or joins; not a caller's
+    own_cluster = connected and not address  # started here: this run may shut it down, Serve and all
+    if connected:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
@@ -145,9 +147,6 @@ def evaluate(
             with serve_env():
                 ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     try:
-        artifacts = default_cache_dir() / "datasets" / dataset.resolve().name
-        for report in ingest(dataset / "corpus.jsonl", artifacts, kinds=("dense", "keyword")):
-            print(f"{report.kind}: {'reused' if report.reused else 'built'} {report.num_docs} docs at {report.path}")
         config = parse_config(
             {
                 "app_name": APP,
@@ -168,19 +167,27 @@ def evaluate(
             },
             base_dir=Path("."),
         )
+        if not own_cluster:
+            _check_free_cpus(config, address or "this Ray cluster", ray.available_resources())
+        for report in ingest(dataset / "corpus.jsonl", artifacts, kinds=("dense", "keyword")):
+            print(f"{report.kind}: {'reused' if report.reused else 'built'} {report.num_docs} docs at {report.path}")
         serve.start(proxy_location="Disabled")
-        handle = serve.run(app_from_config(config), name=APP, route_prefix=None)
-        options = FusionOptions.model_validate({"method": fusion}) if fusion else None
-        systems = {"dense": ["dense"], "keyword": ["keyword"], "fused": ["dense", "keyword"]}
-        runs, failed, requests = asyncio.run(_run_queries(
-            RagClient.from_handle(handle), queries, systems,
-            fusion=options, ignore_identical_ids=ignore_identical_ids, concurrency=concurrency,
-        ))
-        serve.delete(APP)
+        try:
+            handle = serve.run(app_from_config(config), name=APP, route_prefix=None)
+            options = FusionOptions.model_validate({"method": fusion}) if fusion else None
+            systems = {"dense": ["dense"], "keyword": ["keyword"], "fused": ["dense", "keyword"]}
+            runs, failed, requests = asyncio.run(_run_queries(
+                RagClient.from_handle(handle), queries, systems,
+                fusion=options, ignore_identical_ids=ignore_identical_ids, concurrency=concurrency,
+            ))
+        finally:
+            if not own_cluster:  # as `ragfan serve --address`: only its own app; the cluster's others stay
+                serve.delete(APP)
     finally:
         if own_cluster:
             serve.shutdown()
-            ray.shutdown()
+        if connected:
+            ray.shutdown()  # on a joined cluster: only this driver disconnects
     return {
         "dataset": str(dataset),
         "split": split,
@@ -194,6 +201,24 @@ def evaluate(
         "ignore_identical_ids": ignore_identical_ids,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+# The app's own small deployments, besides the gateway and the retrievers: the version hub and the
+# stats hub (serve_app/app.py), 0.05 CPU each.
+HUBS_CPUS = 0.1
+
+
+def _check_free_cpus(config: Any, where: str, free: dict[str, float]) -> None:
+    """Raise RagError at once when a joined cluster lacks the CPUs the eval app's replicas ask for:
+    Serve would wait for them forever, with no word."""
+    deployments = [config.gateway, *config.retrievers]
+    needed = round(sum(d.ray_actor_options.num_cpus * d.most_replicas for d in deployments) + HUBS_CPUS, 2)
+    available = round(free.get("CPU", 0.0), 2)
+    if available < needed:
+        raise RagError(f"{where} has {available:g} CPUs free, and ragfan eval's app needs {needed:g} (its gateway "
+                       "and one dense and one keyword replica); running apps hold the rest. Stop one (`make serve`, "
+                       "`ragfan serve`), add a node, or run `ragfan eval` without --address to start a cluster "
+                       "of its own")
 
 
 def format_table(report: dict[str, Any]) -> str:

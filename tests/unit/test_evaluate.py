@@ -85,3 +85,88 @@ async def test_eval_asks_in_batches_and_ranks_as_single_searches_would(docs):
         for qid, text in queries.items():
             single = await client.search_async(text, top_k=100, retrievers=retrievers)
             assert runs[system][qid] == to_run(single, qid, ignore_identical_ids=False), (system, qid)
+
+
+# -- the cluster eval runs on: what it may stop, and what it needs free -----------------------------------
+class FakeRay:
+    """What `evaluate` asks of Ray and Serve, recorded in order; no Ray starts."""
+
+    def __init__(self, monkeypatch, *, initialized: bool = False, free_cpus: float = 8.0) -> None:
+        import ray
+        from ray import serve
+
+        self.calls: list[str] = []
+        self.initialized = initialized
+        monkeypatch.setattr(ray, "is_initialized", lambda: self.initialized)
+        monkeypatch.setattr(ray, "init", lambda **kw: self._init(kw))
+        monkeypatch.setattr(ray, "shutdown", lambda: self.calls.append("ray.shutdown"))
+        monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": free_cpus})
+        monkeypatch.setattr(serve, "start", lambda **kw: self.calls.append("serve.start"))
+        monkeypatch.setattr(serve, "run", lambda app, name, route_prefix: self.calls.append(f"serve.run {name}"))
+        monkeypatch.setattr(serve, "delete", lambda name: self.calls.append(f"serve.delete {name}"))
+        monkeypatch.setattr(serve, "shutdown", lambda: self.calls.append("serve.shutdown"))
+        monkeypatch.setattr("actors.ingest.ingest", lambda *a, **kw: self.calls.append("ingest") or [])
+
+    def _init(self, kw) -> None:
+        self.calls.append(f"ray.init {kw.get('address') or 'local'}")
+        self.initialized = True
+
+
+@pytest.fixture
+def beir(tmp_path):
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "d1", "text": "t"}\n')
+    (tmp_path / "queries.jsonl").write_text('{"_id": "1", "text": "judged"}\n')
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n1\td1\t1\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_eval_on_a_cluster_it_joined_deletes_only_its_own_app(beir, monkeypatch, fails):
+    """`ragfan eval --address`: never serve.shutdown (it deletes every app, production included);
+    its own app goes, also when the run raises."""
+    from serve_app import evaluate as ev
+
+    ray = FakeRay(monkeypatch)
+
+    async def run(*args, **kwargs):
+        if fails:
+            raise RuntimeError("the gateway died")
+        return {s: {"1": {}} for s in args[2]}, {s: {} for s in args[2]}, 3
+
+    monkeypatch.setattr(ev, "_run_queries", run)
+    if fails:
+        with pytest.raises(RuntimeError, match="the gateway died"):
+            ev.evaluate(beir, address="auto")
+    else:
+        ev.evaluate(beir, address="auto")
+    assert "serve.shutdown" not in ray.calls
+    assert ray.calls[-2:] == [f"serve.delete {ev.APP}", "ray.shutdown"]  # its app, then it disconnects
+
+
+def test_eval_on_a_cluster_it_started_shuts_it_down_and_in_a_callers_ray_only_deletes_its_app(beir, monkeypatch):
+    from serve_app import evaluate as ev
+
+    async def run(*args, **kwargs):
+        raise RuntimeError("the gateway died")
+
+    monkeypatch.setattr(ev, "_run_queries", run)
+    started = FakeRay(monkeypatch)
+    with pytest.raises(RuntimeError):
+        ev.evaluate(beir)
+    assert started.calls[0] == "ray.init local" and started.calls[-2:] == ["serve.shutdown", "ray.shutdown"]
+    callers = FakeRay(monkeypatch, initialized=True)  # a caller's Ray (a notebook, a test session)
+    with pytest.raises(RuntimeError):
+        ev.evaluate(beir)
+    assert callers.calls[-1] == f"serve.delete {ev.APP}" and "ray.shutdown" not in callers.calls
+
+
+def test_eval_on_a_cluster_without_the_cpus_it_needs_says_so_at_once(beir, monkeypatch):
+    """A cluster whose CPUs a running app holds would leave eval waiting forever for its replicas."""
+    from actors.errors import RagError
+    from serve_app import evaluate as ev
+
+    ray = FakeRay(monkeypatch, free_cpus=0.5)
+    with pytest.raises(RagError, match=r"0.5 CPUs free.*needs 1.35"):
+        ev.evaluate(beir, address="auto")
+    assert ray.calls == ["ray.init auto", "ray.shutdown"]  # nothing started, nothing deleted

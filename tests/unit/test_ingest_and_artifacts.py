@@ -110,3 +110,33 @@ def test_a_spec_needs_exactly_one_source():
         RetrieverSpec(name="x", options=DenseOptions())
     with pytest.raises(ValueError, match="exactly one"):
         RetrieverSpec(name="x", options=DenseOptions(), data="a", artifacts="b")
+
+
+@pytest.mark.parametrize(("free", "workers", "options"), [
+    ({"CPU": 3.5}, 3, {"num_cpus": 1}),
+    ({"CPU": 0.25}, 1, {"num_cpus": 0.25}),  # less than a CPU free: one actor on that share
+    ({"CPU": 0.0, "GPU": 2.0}, 2, {"num_gpus": 1, "num_cpus": 0.0}),
+])
+def test_the_embedding_pool_sizes_itself_to_what_the_cluster_has_free(monkeypatch, free, workers, options):
+    import ray
+
+    from actors.ingest import EmbedPool
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "available_resources", lambda: free)
+    pool = EmbedPool("default", progress=False)
+    assert (pool.max_workers, pool._options) == (workers, options)
+
+
+def test_the_embedding_pool_on_a_cluster_with_no_cpu_free_fails_at_once_saying_what_to_do(monkeypatch):
+    """It used to ask for a whole CPU anyway and wait for it forever (`embedding: 0%`)."""
+    import ray
+
+    from actors.errors import RagError
+    from actors.ingest import EmbedPool
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "available_resources", lambda: {"memory": 1e9})
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(RagError, match=r"has 2 CPUs and none is free.*Stop what holds them"):
+        EmbedPool("default", progress=False)
