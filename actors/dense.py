@@ -149,7 +149,11 @@ class DenseRetriever:
         )
 
     # -- serving -------------------------------------------------------------------------
-    def search(self, queries: Sequence[Query], *, cancel: CancelToken | None = None) -> list[list[Hit]]:
+    def search(self, queries: Sequence[Query], *, cancel: CancelToken | None = None,
+               hidden: np.ndarray | None = None) -> list[list[Hit]]:
+        """`hidden`: sorted positions of documents never to answer (the tombstones of actors/delta.py).
+        They leave a filter's allowed set; an unfiltered search asks for that many more hits and drops
+        them, so a flat index stays exact."""
         if not queries:
             return []
         cancel = cancel or CancelToken()
@@ -162,16 +166,20 @@ class DenseRetriever:
         for key, members in groups.items():
             cancel.check()  # after encoding, and between the index calls of a batch
             allowed = self._allowed(dict(key))
+            if allowed is not None and hidden is not None:
+                allowed = np.setdiff1d(allowed, hidden, assume_unique=True)
             if allowed is not None and allowed.size == 0:  # the filter matches no document
                 continue
             k = max(queries[i].top_k for i in members)
-            scores, ids = self._search(vectors[members], k, allowed)
+            extra = hidden.size if hidden is not None and allowed is None else 0
+            scores, ids = self._search(vectors[members], k + extra, allowed)
             for row, i in enumerate(members):
-                results[i] = [
-                    self.documents[int(doc)].hit(float(score))
-                    for score, doc in zip(scores[row][: queries[i].top_k], ids[row][: queries[i].top_k], strict=True)
-                    if doc >= 0
-                ]
+                keep = ids[row] >= 0
+                if extra:
+                    keep &= ~np.isin(ids[row], hidden)
+                top = queries[i].top_k
+                results[i] = [self.documents[int(doc)].hit(float(score))
+                              for score, doc in zip(scores[row][keep][:top], ids[row][keep][:top], strict=True)]
         return results
 
     def _allowed(self, filters: Filters) -> np.ndarray | None:

@@ -33,12 +33,23 @@ import ray
 from ray import serve
 
 from actors.base import Retriever
+from actors.delta import LiveRetriever
 from actors.embedder import limit_threads
 from actors.errors import Cancelled, Conflict, DataError, RagError
 from actors.factory import RetrieverSpec, fingerprint, open_retriever, verify_version
-from actors.index import mark_in_use
+from actors.index import mark_in_use, swap_in, verify
 from actors.types import CancelToken, Hit, Query, Searched, Unavailable
-from actors.versions import SYNC_WAIT_S, reloadable, version_dir, version_now
+from actors.versions import (
+    SYNC_WAIT_S,
+    is_merged,
+    log_dir,
+    merged_link,
+    merged_version,
+    reloadable,
+    saved_pin,
+    version_dir,
+    version_now,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -98,7 +109,8 @@ class RetrieverDeployment:
         self.fingerprint: str | None = None  # what the result cache keys this retriever's answers by
         self.start_error: str | None = None
         pinned = await self._pinned()
-        if pinned is not None and spec.artifacts is not None:
+        self.released = await self._released() if spec.writes_dir is not None else 0
+        if pinned is not None and (spec.artifacts is not None or is_merged(pinned)):
             try:
                 version_dir(spec, pinned)
             except DataError as exc:  # deleted by hand: serving the current one beats not serving at all
@@ -117,7 +129,9 @@ class RetrieverDeployment:
             self.runner = SearchRunner(self.retriever.search, max_concurrent=max_concurrent_batches)
             logger.info("retriever %s (%s) ready, version %s: %s", spec.name, spec.kind, self.version,
                         self.retriever.describe())
-        self._following = asyncio.get_running_loop().create_task(self._follow()) if versions is not None else None
+        loop = asyncio.get_running_loop()
+        self._following = loop.create_task(self._follow()) if versions is not None else None
+        self._writing = loop.create_task(self._follow_writes()) if versions is not None and spec.writes_dir else None
 
     async def _pinned(self) -> str | None:
         """The version the other replicas serve, as the hub has it pinned; None: none yet, or no hub."""
@@ -127,9 +141,19 @@ class RetrieverDeployment:
             pins = await asyncio.wait_for(self.versions.sync.remote(self.member, {self.deployment: None}), 30)
             return pins.get(self.deployment)
         except Exception as exc:  # no hub to ask: serve the link's version, and report it when the hub is back
-            logger.warning("retriever %s: the version hub did not answer (%s); opening the current version",
+            saved = saved_pin(self.spec)
+            logger.warning("retriever %s: the version hub did not answer (%s); opening %s", self.spec.name, exc,
+                           saved or "the current version")
+            return saved
+
+    async def _released(self) -> int:
+        """The last log record this replica may apply now: the hub's say, or, without a hub, the log's end."""
+        try:
+            return await asyncio.wait_for(self.versions.released_now.remote(), 30)
+        except Exception as exc:
+            logger.warning("retriever %s: the write hub did not answer (%s); replaying the whole log",
                            self.spec.name, exc)
-            return None
+            return sys.maxsize
 
     def _open(self, version: str | None) -> tuple[Retriever, str | None, str]:
         """Load and warm up `version` (None: the link's now); returns (retriever, version, fingerprint).
@@ -139,15 +163,20 @@ class RetrieverDeployment:
         """
         spec = self.spec
         now = version_now(spec) if spec.kind != "synthetic" else None
-        if spec.artifacts is None:
+        if spec.artifacts is None and not is_merged(version):
             if version is not None and version != now:
                 # a data file has no older versions on disk: open it as it is now, and say which version that is
                 logger.warning("retriever %s: %s was pinned, but its data file is now %s; serving the file as it is",
                                spec.name, version, now)
             version = now
         version = version or now
-        pinned = version if spec.artifacts is not None else None
+        pinned = version if spec.artifacts is not None or is_merged(version) else None
         retriever = open_retriever(spec, version=pinned)
+        if spec.writes_dir is not None:  # the version, and the log's writes after what it holds
+            base_seq = int(verify(version_dir(spec, version)).get("log_seq", 0)) if is_merged(version) else 0
+            retriever = LiveRetriever(retriever, deployment=self.deployment, base_seq=base_seq,
+                                      log_dir=log_dir(spec.writes_dir))
+            retriever.catch_up(self.released)
         self._mark(version)
         if spec.kind != "synthetic":  # synthetic retrievers only sleep: nothing lazy to warm up
             # Pay torch's and FAISS's lazy first-call set-up here, not in the first user's deadline.
@@ -191,9 +220,46 @@ class RetrieverDeployment:
                 self.start_error = None
             logger.info("retriever %s: now serving version %s (was %s)", self.spec.name, version, before)
 
+    async def _follow_writes(self) -> None:
+        """Apply the log's new records as the hub releases them, forever (actors/writes.py)."""
+        while True:
+            live = self.retriever
+            knows = live.applied if isinstance(live, LiveRetriever) else 0
+            try:
+                answer = await self.versions.follow_writes.remote(
+                    self.member, knows=knows, deployment=self.deployment, wait_s=SYNC_WAIT_S)
+            except Exception as exc:  # the hub is restarting: ask again shortly
+                logger.debug("retriever %s: write hub: %s", self.spec.name, exc)
+                await asyncio.sleep(0.5)
+                continue
+            self.released = answer["released"]
+            live = self.retriever  # the version may have been swapped meanwhile: it catches up here
+            if isinstance(live, LiveRetriever) and answer["released"] > live.applied:
+                try:
+                    await asyncio.to_thread(live.catch_up, answer["released"])
+                except Exception as exc:  # a record this replica cannot apply: say so, and keep serving
+                    logger.error("retriever %s: applying the write log failed: %s", self.spec.name, exc)
+                    await asyncio.sleep(1.0)
+
+    async def merge(self) -> dict[str, Any]:
+        """Write this replica's base and delta as one new version, for the hub to pin: {version, log_seq}."""
+        live = self.retriever
+        if not isinstance(live, LiveRetriever):
+            raise Conflict(f"{self.spec.name} takes no writes, or failed to start: nothing to merge")
+        spec = self.spec
+
+        def build(directory: Any) -> dict[str, Any]:
+            fields = live.save(directory)
+            return {**fields, "model": fields.get("model", spec.model_name), "merged_from": self.version,
+                    **({"shard": list(spec.shard)} if spec.shard else {})}
+
+        directory = await asyncio.to_thread(swap_in, merged_link(spec), build=build)
+        manifest = await asyncio.to_thread(verify, directory)
+        return {"version": merged_version(spec, directory), "log_seq": manifest["log_seq"]}
+
     def _mark(self, version: str | None) -> None:
         """Keep `version`'s directory from being deleted by later ingests while this replica serves it."""
-        if self.spec.artifacts is not None and version is not None:
+        if (self.spec.artifacts is not None or is_merged(version)) and version is not None:
             try:
                 mark_in_use(version_dir(self.spec, version))
             except DataError:
@@ -211,7 +277,9 @@ class RetrieverDeployment:
             # An answer, not an exception: Serve would log a traceback for every request.
             return Unavailable(f"{self.spec.name} {self.start_error}")
         retriever, version = self.retriever, self.version  # one version for the whole batch
-        return Searched(await self.runner(queries, retriever.search), version)
+        # read before the search: never newer than its hits
+        seq = retriever.touched if isinstance(retriever, LiveRetriever) else None
+        return Searched(await self.runner(queries, retriever.search), version, seq)
 
     async def check_version(self) -> dict[str, Any]:
         """Verify the version the link points to now, without serving it: {version, model, dim}.

@@ -27,7 +27,7 @@ from actors.keyword import KeywordRetriever
 from actors.shards import shard_of
 from actors.spec import DenseOptions, GraphOptions, KeywordOptions, RetrieverSpec
 from actors.synthetic import SyntheticRetriever
-from actors.versions import link_path, version_dir
+from actors.versions import is_merged, link_path, version_dir
 
 logger = logging.getLogger("ragfan")
 
@@ -150,7 +150,7 @@ def fingerprint(spec: RetrieverSpec, version: str | None = None) -> str:
     """
     digest = hashlib.sha256(spec.options.model_dump_json().encode())
     digest.update(f"{spec.model_name}|{spec.shard}".encode())
-    if spec.artifacts is not None:
+    if spec.artifacts is not None or is_merged(version):
         digest.update((_artifacts_dir(spec, version) / "manifest.json").read_bytes())
     else:
         digest.update(sha256_file(spec.data_file).encode())
@@ -162,7 +162,9 @@ def fingerprint(spec: RetrieverSpec, version: str | None = None) -> str:
 def _artifacts_dir(spec: RetrieverSpec, version: str | None) -> Path:
     """The directory of `version`, or of the version the link points to now: one version throughout,
     as a rebuild may swap the link while a replica reads."""
-    return version_dir(spec, version) if version is not None else spec_link(spec).resolve()
+    if version is not None:
+        return version_dir(spec, version)
+    return spec_link(spec).resolve()
 
 
 def spec_link(spec: RetrieverSpec) -> Path:
@@ -198,6 +200,11 @@ def open_artifacts(spec: RetrieverSpec, *, version: str | None = None, progress:
             f"`ragfan ingest SOURCE --out {spec.artifacts_dir.parent} --kinds {spec.kind}"
             f"{f' --shards {spec.shard[1]}' if spec.shard else ''}`"
         )
+    return open_dir(spec, directory, progress=progress)
+
+
+def open_dir(spec: RetrieverSpec, directory: Path, *, progress: bool = False) -> Retriever:
+    """Load the version in `directory`, checked: one `ragfan ingest` wrote, or a merge of live writes."""
     manifest = verify(directory)
     if manifest.get("kind") != spec.kind:
         raise DataError(f"{directory}: holds a {manifest.get('kind')!r} index, but {spec.name} is kind {spec.kind!r}")
@@ -239,7 +246,9 @@ def open_retriever(spec: RetrieverSpec, *, version: str | None = None, progress:
     """Load a retriever, building and caching its index first if needed (with a model of its own).
 
     `version`: which version of its artifacts to open (actors/versions.py); None opens the link's.
-    A `data:` retriever opens its file as it is now."""
+    A `data:` retriever opens its file as it is now, unless `version` is one merged from live writes."""
+    if is_merged(version):
+        return open_dir(spec, version_dir(spec, version), progress=progress)  # type: ignore[arg-type]
     if spec.artifacts is not None:
         return open_artifacts(spec, version=version, progress=progress)
     options = spec.options

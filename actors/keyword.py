@@ -8,7 +8,7 @@ see actors/base.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class KeywordRetriever:
         k1: float = 1.5,
         b: float = 0.75,
         bm25: bm25s.BM25 | None = None,
+        avg_doc_len: float | None = None,
     ) -> None:
         self.name = name
         self.documents = documents  # a list, or a DocStore that reads from disk on demand
@@ -42,20 +43,24 @@ class KeywordRetriever:
         except KeyError as exc:
             raise RetrieverFailed(f"{name}: no Snowball stemmer for language {language!r}") from exc
         self._stopwords = "en" if language == "english" else None
+        self.avg_doc_len = avg_doc_len  # the average document length in tokens, for scoring writes (actors/delta.py)
         if bm25 is None:
             corpus_tokens = bm25s.tokenize(
                 [d.text for d in documents], stopwords=self._stopwords, stemmer=self._stemmer, show_progress=False
             )
             bm25 = bm25s.BM25(k1=k1, b=b)
             bm25.index(corpus_tokens, show_progress=False)
+            self.avg_doc_len = sum(map(len, corpus_tokens.ids)) / max(1, len(corpus_tokens.ids))
         self._bm25 = bm25
+        self.k1, self.b = bm25.k1, bm25.b
         self._vocab = bm25.vocab_dict
         self._by_value = metadata_index(documents)
 
     def save(self, directory: Path) -> dict[str, Any]:
         write_docstore(directory, self.documents)
         self._bm25.save(directory, show_progress=False)
-        return {"kind": self.kind, "num_docs": len(self.documents), "language": self.language}
+        return {"kind": self.kind, "num_docs": len(self.documents), "language": self.language,
+                "avg_doc_len": self.statistics()[1]}
 
     @classmethod
     def load(cls, directory: Path, manifest: dict[str, Any], *, name: str) -> KeywordRetriever:
@@ -64,19 +69,37 @@ class KeywordRetriever:
             documents=DocStore(directory),
             language=manifest.get("language", "english"),
             bm25=bm25s.BM25.load(directory, mmap=True),
+            avg_doc_len=manifest.get("avg_doc_len"),
         )
 
-    def search(self, queries: Sequence[Query], *, cancel: CancelToken | None = None) -> list[list[Hit]]:
+    def tokenize(self, texts: list[str]) -> list[list[str]]:
+        """Texts as this index's terms: stemmed, stopwords out."""
+        return bm25s.tokenize(texts, stopwords=self._stopwords, stemmer=self._stemmer, return_ids=False,
+                              show_progress=False)
+
+    def statistics(self) -> tuple[int, float, Callable[[str], int]]:
+        """(documents, their average length in terms, a term's document frequency), as the index was built.
+
+        An index saved by an older ragfan has no average length: it is estimated from up to 2,000
+        of its documents."""
+        if self.avg_doc_len is None:
+            sample = [d.text for d in self.documents[:: max(1, len(self.documents) // 2000)]]
+            self.avg_doc_len = sum(map(len, self.tokenize(sample))) / max(1, len(sample))
+        indptr = self._bm25.scores["indptr"]
+
+        def df(term: str) -> int:
+            i = self._vocab.get(term)
+            return 0 if i is None else int(indptr[i + 1] - indptr[i])
+
+        return len(self.documents), self.avg_doc_len, df
+
+    def search(self, queries: Sequence[Query], *, cancel: CancelToken | None = None,
+               hidden: np.ndarray | None = None) -> list[list[Hit]]:
+        """`hidden`: positions of documents never to answer (the tombstones of actors/delta.py)."""
         if not queries:
             return []
         cancel = cancel or CancelToken()
-        tokens = bm25s.tokenize(
-            [q.text for q in queries],
-            stopwords=self._stopwords,
-            stemmer=self._stemmer,
-            return_ids=False,
-            show_progress=False,
-        )
+        tokens = self.tokenize([q.text for q in queries])
         results: list[list[Hit]] = []
         for query, words in zip(queries, tokens, strict=True):
             cancel.check()  # between queries: the caller may have stopped waiting
@@ -89,6 +112,8 @@ class KeywordRetriever:
                 results.append([])
                 continue
             scores = self._bm25.get_scores(words, weight_mask=mask)
+            if hidden is not None:
+                scores[hidden] = 0.0
             k = min(query.top_k, len(self.documents))
             top = np.argpartition(-scores, k - 1)[:k]
             top = top[np.argsort(-scores[top], kind="stable")]

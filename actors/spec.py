@@ -81,6 +81,9 @@ def kinds_with(key: str) -> list[str]:
     return [kind for kind, options in OPTIONS.items() if key in options.model_fields]
 
 
+WRITE_KINDS = ("dense", "keyword")  # the kinds that take live writes (actors/delta.py)
+
+
 class RetrieverSpec(BaseModel):
     """Everything a replica needs to open one retriever. Built from the config by serve_app."""
 
@@ -92,6 +95,9 @@ class RetrieverSpec(BaseModel):
     artifacts: Path | None = None  # ... or a directory `ragfan ingest` wrote
     cache_dir: Path | None = None
     shard: tuple[int, int] | None = None  # (i, N): this replica holds shard i of N (dense only)
+    # The app's writes directory (`writes.dir`) when this retriever takes live writes: the log is in
+    # `log/`, and the versions merged from it in `bases/<deployment>` (actors/writes.py)
+    writes_dir: Path | None = None
 
     @model_validator(mode="after")
     def _check(self) -> RetrieverSpec:
@@ -101,7 +107,14 @@ class RetrieverSpec(BaseModel):
             i, n = self.shard
             if self.kind != "dense" or not 0 <= i < n:
                 raise ValueError(f"{self.name}: shard {i} of {n} is not valid for kind {self.kind!r}")
+        if self.writes_dir is not None and self.kind not in WRITE_KINDS:
+            raise ValueError(f"{self.name}: a {self.kind} retriever does not take writes")
         return self
+
+    @property
+    def deployment(self) -> str:
+        """The Serve deployment that holds this spec: the retriever's name, or its shard's."""
+        return self.name if self.shard is None else f"{self.name}-shard{self.shard[0]}"
 
     @property
     def kind(self) -> Kind:

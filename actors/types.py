@@ -82,6 +82,7 @@ class Searched:
 
     hits: list[list[Hit]]
     version: str | None = None
+    seq: int | None = None  # with live writes: the last log record that changed what answered (actors/delta.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -45,6 +46,40 @@ from actors.spec import GraphOptions, RetrieverSpec
 
 # How long a member's `sync` waits for the pin to move before it reports again.
 SYNC_WAIT_S = 15.0
+# A version merged from live writes (actors/writes.py): `merged-v20261203T...-ab12`, in the app's
+# writes directory rather than beside the link `ragfan ingest` swaps.
+MERGED = "merged-"
+PINS = "pins.json"  # where the hub of an app with writes keeps the pins of the deployments that take them
+
+
+def is_merged(version: str | None) -> bool:
+    return version is not None and version.startswith(MERGED)
+
+
+def merged_link(spec: RetrieverSpec) -> Path:
+    """The path a merge swaps for this spec: `<writes dir>/bases/<deployment>`."""
+    if spec.writes_dir is None:
+        raise ValueError(f"{spec.name} takes no writes")
+    return spec.writes_dir / "bases" / spec.deployment
+
+
+def merged_version(spec: RetrieverSpec, directory: Path) -> str:
+    """The version name of a directory a merge wrote."""
+    return MERGED + directory.name.removeprefix(f".{merged_link(spec).name}.")
+
+
+def log_dir(writes_dir: Path) -> Path:
+    return writes_dir / "log"
+
+
+def saved_pin(spec: RetrieverSpec) -> str | None:
+    """The pin the hub last saved for this spec's deployment (only apps with writes save them)."""
+    if spec.writes_dir is None:
+        return None
+    try:
+        return json.loads((log_dir(spec.writes_dir) / PINS).read_text()).get("pins", {}).get(spec.deployment)
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 # -- naming and finding versions ----------------------------------------------------------------------
@@ -80,7 +115,13 @@ def version_now(spec: RetrieverSpec) -> str:
 
 
 def version_dir(spec: RetrieverSpec, version: str) -> Path:
-    """The directory that holds `version` of an artifacts retriever; DataError when it is gone."""
+    """The directory that holds `version` of an artifacts retriever, or a merged one; DataError when it is gone."""
+    if is_merged(version):
+        link = merged_link(spec)
+        path = link.parent / f".{link.name}.{version.removeprefix(MERGED)}"
+        if not (path / MANIFEST).is_file():
+            raise DataError(f"{path}: merged version {version} is gone")
+        return path
     link = link_path(spec)
     if link is None:
         raise ValueError(f"{spec.name} opens from a data file, not from versioned artifacts")
