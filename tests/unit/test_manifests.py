@@ -12,7 +12,10 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
 import re
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,8 @@ from serve_app.config import AppConfig, check_files, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster_configs"
-CRDS = ROOT.parent / "shared" / "kuberay" / "crds"
+# RAGFAN_KUBERAY_CRDS moves it (the test below points it at nothing to see the skip reported).
+CRDS = Path(os.environ.get("RAGFAN_KUBERAY_CRDS") or ROOT.parent / "shared" / "kuberay" / "crds")
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 VOLUME_PATH = "/data/ragfan"
 
@@ -104,6 +108,18 @@ def validator():
     if not CRDS.is_dir():
         pytest.skip(f"KubeRay CRD schemas not found at {CRDS} (the shared folder beside the checkout)")
     return _validator
+
+
+def test_without_the_crds_the_check_is_skipped_and_the_run_says_so(tmp_path):
+    """No CRD schemas: the check must show up as skipped, with its reason, in the run's summary
+    (pyproject's `-ra`), never pass silently."""
+    env = {**os.environ, "RAGFAN_KUBERAY_CRDS": str(tmp_path / "absent")}
+    check = f"{__file__}::test_every_ray_manifest_validates_against_its_crd"
+    run = subprocess.run([sys.executable, "-m", "pytest", check, "-p", "no:cacheprovider"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    summary = run.stdout.split("short test summary info")[-1]
+    assert run.returncode == 0 and " passed" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
+    assert "SKIPPED" in summary and f"KubeRay CRD schemas not found at {tmp_path / 'absent'}" in summary
 
 
 def schema_errors(validator, doc: dict[str, Any]) -> list[str]:
