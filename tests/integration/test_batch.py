@@ -3,12 +3,13 @@ through both clients, which answer each search as a single search would."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from ray import serve
 
 from actors.errors import InvalidRequest
 from serve_app.client import RagClient
-from serve_app.schemas import SearchResponse
+from serve_app.schemas import SearchRequest, SearchResponse
 
 QUERIES = ["vitamin D and multiple sclerosis", "metformin and type 2 diabetes", "aspirin and colorectal cancer"]
 
@@ -30,10 +31,23 @@ def test_a_mixed_batch_is_answered_item_by_item_over_http(base_url, http):
 
 @pytest.mark.parametrize("transport", ["http", "handle"])
 async def test_both_clients_answer_a_batch_as_single_searches(base_url, transport):
-    client = RagClient(url=base_url) if transport == "http" else RagClient.from_handle(serve.get_app_handle("ragfan"))
+    """Both the batch and the single searches go uncached (`cache: false`): answered from the result
+    cache, the singles would repeat what the batch had just put there, and compare the batch with itself."""
+    handle = serve.get_app_handle("ragfan")
+    client = RagClient(url=base_url) if transport == "http" else RagClient.from_handle(handle)
+    options = {"top_k": 5, "retrievers": ["keyword", "persona"], "cache": False}
     async with client:
-        results = await client.search_batch_async([*QUERIES, " "], top_k=5, retrievers=["keyword", "persona"])
-        singles = [await client.search_async(q, top_k=5, retrievers=["keyword", "persona"]) for q in QUERIES]
+        results = await client.search_batch_async([*({"query": q, **options} for q in QUERIES), {"query": " "}])
+    singles = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+        for q in QUERIES:  # each as a single search, the same way: the handle's `search`, or POST /v1/search
+            if transport == "http":
+                r = await http.post("/v1/search", json={"query": q, **options})
+                assert r.status_code == 200, r.text
+                singles.append(SearchResponse.model_validate(r.json()))
+            else:
+                singles.append(await handle.search.remote(SearchRequest(query=q, **options)))
     assert [type(r) for r in results] == [SearchResponse] * 3 + [InvalidRequest]
     for batched, single in zip(results, singles, strict=False):
+        assert {s.cache for s in [*batched.retrievers.values(), *single.retrievers.values()]} <= {"off", None}
         assert [x.id for x in batched.results] == [x.id for x in single.results] and batched.results

@@ -120,8 +120,14 @@ def test_a_repeated_query_is_a_hit_with_the_same_answer_and_expires(cached_url):
     again = search(url, "stem  cells and nanotechnology ")  # the same query, normalised
     assert cache_states(again) == {"keyword": ("hit", True), "quick": ("hit", True)}
     assert again["results"] == first["results"]
-    other = search(url, "stem cells and nanotechnology", top_k=3)  # another top_k is another answer
-    assert other["results"] == first["results"][:3]
+    # A smaller top_k is the same answer, cut: the key holds max(the retriever's top_k, the request's),
+    # so it is a hit. A top_k above the retriever's own is another key: a miss, and a longer answer.
+    fewer = search(url, "stem cells and nanotechnology", top_k=3)
+    assert cache_states(fewer) == {"keyword": ("hit", True), "quick": ("hit", True)}
+    assert fewer["results"] == first["results"][:3]
+    more = search(url, "stem cells and nanotechnology", top_k=40)
+    assert cache_states(more) == {"keyword": ("miss", False), "quick": ("miss", False)}
+    assert len(more["results"]) > len(first["results"])
     bypass = search(url, "stem cells and nanotechnology", cache=False)
     assert cache_states(bypass) == {"keyword": ("off", False), "quick": ("off", False)}
     time.sleep(TTL_S + 0.5)  # Redis expires the entries (the key's TTL)

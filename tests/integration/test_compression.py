@@ -28,9 +28,24 @@ def test_a_gzip_answer_decodes_to_the_uncompressed_one(base_url):
     assert json.loads(gzip.decompress(body))["results"] == json.loads(plain)["results"]
 
 
+class Recording(httpx.HTTPTransport):
+    """httpx's own transport, noting each answer's Content-Encoding: what came over the wire."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encodings: list[str | None] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        self.encodings.append(response.headers.get("content-encoding"))
+        return response
+
+
 def test_the_client_gets_the_same_answer_compressed_and_trimmed(base_url):
-    with RagClient(url=base_url) as client:
+    wire = Recording()
+    with RagClient(url=base_url, transport=wire) as client:
         full = client.search(QUERY["query"], top_k=QUERY["top_k"])
         ids = client.search(QUERY["query"], top_k=QUERY["top_k"], include=[])
+    assert wire.encodings[0] in {"zstd", "br", "gzip"}  # the full answer (50 hits with texts) came compressed
     assert full.results and [(r.id, r.score) for r in ids.results] == [(r.id, r.score) for r in full.results]
     assert all(r.text is None and r.metadata is None for r in ids.results)
