@@ -61,8 +61,11 @@ def encode_vector(vector: np.ndarray) -> str:
 class LiveRetriever:
     """`base` and the log's writes to `deployment` after `base_seq` (see the module docstring)."""
 
-    def __init__(self, base: Retriever, *, deployment: str, base_seq: int = 0, log_dir: Path | None = None) -> None:
-        """`log_dir`: the log to read on from `base_seq` (`catch_up`); None: records come through `apply`."""
+    def __init__(self, base: Retriever, *, deployment: str, base_seq: int = 0, touched: int = 0,
+                 log_dir: Path | None = None) -> None:
+        """`base_seq`: the last log record the base holds; `touched`: of those, the last addressed to this
+        deployment. `log_dir`: the log to read on from `base_seq` (`catch_up`); None: records come
+        through `apply`."""
         if not isinstance(base, DenseRetriever | KeywordRetriever):
             raise RetrieverFailed(f"{base.name}: a {base.kind} retriever does not take writes")
         self.base = base
@@ -70,7 +73,7 @@ class LiveRetriever:
         self.deployment = deployment
         self.base_seq = base_seq
         self.applied = base_seq  # the last record read from the log
-        self.touched = base_seq  # the last record that changed what this retriever answers
+        self.touched = touched  # the last record that changed what this retriever answers
         self._lock = threading.Lock()
         self._positions: dict[str, list[int]] | None = None  # base id (and parent id) -> positions, when first needed
         self._hidden: set[int] = set()
@@ -228,7 +231,8 @@ class LiveRetriever:
         """Write the merged state as a complete version into `directory`: its manifest fields."""
         with self._lock:  # no write is applied while the snapshot is taken
             docs = list(self.documents())
-            seq, delta = self.applied, [self._vectors[d] for d in self._docs] if self._vectors else []
+            seq, touched = self.applied, self.touched
+            delta = [self._vectors[d] for d in self._docs] if self._vectors else []
             hidden = self.hidden
         if not docs:
             raise RetrieverFailed(f"{self.name}: every document was deleted; a version needs at least one")
@@ -243,7 +247,7 @@ class LiveRetriever:
         else:
             merged = KeywordRetriever(name=self.name, documents=docs, language=self.base.language,
                                       k1=self.base.k1, b=self.base.b)
-        return {**merged.save(directory), "log_seq": seq, "build": "merge"}
+        return {**merged.save(directory), "log_seq": seq, "log_touched": touched, "build": "merge"}
 
     # -- the rest of the Retriever protocol --------------------------------------------------------
     def describe(self) -> dict[str, Any]:

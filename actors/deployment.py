@@ -173,9 +173,9 @@ class RetrieverDeployment:
         pinned = version if spec.artifacts is not None or is_merged(version) else None
         retriever = open_retriever(spec, version=pinned)
         if spec.writes_dir is not None:  # the version, and the log's writes after what it holds
-            base_seq = int(verify(version_dir(spec, version)).get("log_seq", 0)) if is_merged(version) else 0
-            retriever = LiveRetriever(retriever, deployment=self.deployment, base_seq=base_seq,
-                                      log_dir=log_dir(spec.writes_dir))
+            manifest = verify(version_dir(spec, version)) if is_merged(version) else {}
+            retriever = LiveRetriever(retriever, deployment=self.deployment, base_seq=manifest.get("log_seq", 0),
+                                      touched=manifest.get("log_touched", 0), log_dir=log_dir(spec.writes_dir))
             retriever.catch_up(self.released)
         self._mark(version)
         if spec.kind != "synthetic":  # synthetic retrievers only sleep: nothing lazy to warm up

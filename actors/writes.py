@@ -78,6 +78,7 @@ class WriteHub(VersionHub):
         self.pending: dict[str, list[int]] = {d: [] for d in self.deployments}
         self._pending_since: dict[str, float] = {}
         self.touched: dict[str, int] = dict.fromkeys(self.deployments, 0)
+        self.touched.update({d: s for d, s in saved.get("touched", {}).items() if d in self.touched})
         self._scan()
         self.gateways: dict[str, tuple[int, float]] = {}  # member -> (the seq it knows, when it last called)
         self._in_call: dict[str, int] = {}  # gateway members waiting in follow_writes now
@@ -211,7 +212,8 @@ class WriteHub(VersionHub):
 
     def _save_pins(self) -> None:
         pins = {d: v for d, v in self.pins.items() if d in self.base_seq}
-        write_atomically(self.log_dir / PINS, json.dumps({"pins": pins, "base_seq": self.base_seq}, indent=1))
+        write_atomically(self.log_dir / PINS, json.dumps(
+            {"pins": pins, "base_seq": self.base_seq, "touched": self.touched}, indent=1))
 
     # -- merging ------------------------------------------------------------------------------------
     def due(self) -> list[str]:
@@ -276,7 +278,8 @@ class WriteHub(VersionHub):
 
 
 def read_pins(log_dir: Path) -> dict[str, Any]:
-    """What the hub last saved: {"pins": {deployment: version}, "base_seq": {deployment: seq}}."""
+    """What the hub last saved, per deployment: its pinned version, the last record that version holds
+    (`base_seq`), and the last record addressed to it (`touched`, which a merged-away log no longer shows)."""
     try:
         return json.loads((Path(log_dir) / PINS).read_text())
     except (OSError, json.JSONDecodeError):

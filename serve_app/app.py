@@ -32,7 +32,8 @@ import actors
 from actors.deployment import RetrieverDeployment
 from actors.encoder import EncoderDeployment, encoder_name
 from actors.metrics import ray_instruments
-from actors.versions import VersionHub
+from actors.versions import VersionHub, log_dir
+from actors.writes import WriteHub
 from serve_app import __version__
 from serve_app.config import AppConfig, check_startable, file_problems, load_config
 from serve_app.gateway import Gateway
@@ -71,6 +72,7 @@ class GatewayDeployment(Gateway):
         loop = asyncio.get_running_loop()
         self._pushing = loop.create_task(self._push_forever()) if telemetry else None
         self._following = loop.create_task(self._follow_forever()) if versions is not None else None
+        self._writing = loop.create_task(self._follow_writes_forever()) if config.writes_dir else None
         self.app_name = context.app_name
         self._watching: list[asyncio.Task] = []
         self._watch()
@@ -114,6 +116,14 @@ class GatewayDeployment(Gateway):
                 logger.debug("gateway: version hub: %s", exc)
                 await asyncio.sleep(1.0)
 
+    async def _follow_writes_forever(self) -> None:
+        while True:
+            try:
+                await self.follow_writes()
+            except Exception as exc:  # the hub restarting: follow again shortly
+                logger.debug("gateway: write hub: %s", exc)
+                await asyncio.sleep(0.5)
+
     async def _push_forever(self) -> None:
         failing = False
         while True:
@@ -136,6 +146,18 @@ class GatewayDeployment(Gateway):
                   logging_config={"enable_access_log": False})
 class VersionsDeployment(VersionHub):
     """The app's one VersionHub: which index version each retriever deployment serves (actors/versions.py)."""
+
+
+@serve.deployment(name="versions", num_replicas=1, ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=10_000,
+                  logging_config={"enable_access_log": False})
+class WritesDeployment(WriteHub):
+    """The VersionHub of an app with live writes: it also orders, logs and merges them (actors/writes.py)."""
+
+    def __init__(self, log_dir: str, deployments: list[str], *, max_docs: int, max_age_s: float) -> None:
+        app = serve.get_replica_context().app_name
+        super().__init__(Path(log_dir), deployments, max_docs=max_docs, max_age_s=max_age_s,
+                         live=partial(live_replicas, app), replica=lambda d: serve.get_deployment_handle(d, app))
+        self._merging = asyncio.get_running_loop().create_task(self.merge_forever())
 
 
 _named: tuple[float, list[dict[str, str]]] = (-math.inf, [])  # when the cluster's named actors were listed, and them
@@ -217,11 +239,18 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
     encoders: dict[str, Any] = {}
     versions = None
     if config.enabled:  # disabled: only the gateway runs, and no model is loaded anywhere
-        versions = _versioned(_deployment(VersionsDeployment)).bind()
+        if config.writes_dir is not None:
+            writes = config.writes
+            hub_args = (str(log_dir(config.writes_dir)), [d for r in config.retrievers if r.name in config.writers
+                                                          for d in r.deployment_names()])
+            versions = _versioned(_deployment(WritesDeployment), *hub_args, writes.merge.model_dump()).bind(
+                *hub_args, **writes.merge.model_dump())
+        else:
+            versions = _versioned(_deployment(VersionsDeployment)).bind()
         for r in config.retrievers:
             # One deployment per retriever, or one per shard (`corpus-shard0`, ...) of a sharded one.
             handles[r.name] = []
-            for name, spec in zip(r.deployment_names(), r.specs(config.cache_dir), strict=True):
+            for name, spec in zip(r.deployment_names(), config.specs(r), strict=True):
                 args = {"num_cpus": r.ray_actor_options.num_cpus,
                         "max_concurrent_batches": r.batch.max_concurrent_batches}
                 handles[r.name].append(_versioned(_deployment(RetrieverDeployment).options(

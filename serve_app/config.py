@@ -30,10 +30,12 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from actors.errors import ConfigError
+from actors.index import default_cache_dir
 from actors.shards import shard_dir
 from actors.spec import (
     KINDS,
     OPTIONS,
+    WRITE_KINDS,
     DenseOptions,
     GraphOptions,
     KeywordOptions,
@@ -234,17 +236,18 @@ class _RetrieverBase(ScalingConfig):
         options = OPTIONS[self.kind]
         return options.model_validate(self.model_dump(include=set(options.model_fields)))
 
-    def spec(self, cache_dir: Path | None, shard: tuple[int, int] | None = None) -> RetrieverSpec:
+    def spec(self, cache_dir: Path | None, shard: tuple[int, int] | None = None,
+             writes_dir: Path | None = None) -> RetrieverSpec:
         return RetrieverSpec(
             name=self.name, options=self.options(), data=self.data, artifacts=self.artifacts,
-            cache_dir=cache_dir, shard=shard,
+            cache_dir=cache_dir, shard=shard, writes_dir=writes_dir,
         )
 
-    def specs(self, cache_dir: Path | None) -> list[RetrieverSpec]:
+    def specs(self, cache_dir: Path | None, writes_dir: Path | None = None) -> list[RetrieverSpec]:
         """One spec per deployment: the retriever, or each of its shards."""
         if self.shards == 1:
-            return [self.spec(cache_dir)]
-        return [self.spec(cache_dir, (i, self.shards)) for i in range(self.shards)]
+            return [self.spec(cache_dir, writes_dir=writes_dir)]
+        return [self.spec(cache_dir, (i, self.shards), writes_dir) for i in range(self.shards)]
 
     def deployment_names(self) -> list[str]:
         return [self.name] if self.shards == 1 else [f"{self.name}-shard{i}" for i in range(self.shards)]
@@ -358,6 +361,32 @@ CacheConfig = Annotated[
 CACHE_BACKENDS = ("memory", "redis")
 
 
+class MergeConfig(_Strict):
+    """When a retriever's live writes are merged into a new version of its index (actors/writes.py)."""
+
+    max_docs: int = Field(1000, ge=1, description="merge once a retriever has this many writes not yet merged")
+    max_age_s: float = Field(300, gt=0, description="... or once the oldest of them is this many seconds old")
+
+
+class WritesConfig(_Strict):
+    """Live writes: POST /v1/documents and /v1/documents/delete (docs/WRITES.md)."""
+
+    enabled: bool = Field(False, description="every dense and keyword retriever takes writes")
+    dir: Path | None = Field(
+        None, description="the write-ahead log and the versions merged from it; default "
+        "<cache_dir>/<app_name>/writes. On a cluster: storage every node mounts, as durable as the writes"
+    )
+    merge: MergeConfig = MergeConfig()
+    max_documents: int = Field(1000, ge=1, description="documents (or ids) in one write; more get a 413")
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="a larger write body gets a 413 (bytes or '8MiB')")
+    wait_timeout_s: float = Field(30, gt=0, description="how long `wait: true` waits for every replica")
+
+    @field_validator("max_body_bytes", mode="before")
+    @classmethod
+    def _body_bytes(cls, v: Any) -> Any:
+        return parse_bytes(v)
+
+
 class AppConfig(_Strict):
     app_name: str = Field("ragfan", pattern=r"^[A-Za-z0-9_-]+$")
     enabled: bool = Field(True, description="false: answer every search at once, empty, loading nothing")
@@ -369,6 +398,7 @@ class AppConfig(_Strict):
     cache: CacheConfig | None = Field(
         MemoryCacheConfig(), description="each retriever's answers, reused: memory (default), redis, or null: off"
     )
+    writes: WritesConfig = WritesConfig()
     retrievers: list[RetrieverConfig] = Field(min_length=1)
 
     @field_validator("retrievers")
@@ -393,6 +423,24 @@ class AppConfig(_Strict):
 
     def retriever(self, name: str) -> RetrieverConfig:
         return next(r for r in self.retrievers if r.name == name)
+
+    @property
+    def writes_dir(self) -> Path | None:
+        """Where the log and merged versions live; None when writes are off."""
+        if not self.writes.enabled:
+            return None
+        return self.writes.dir or (self.cache_dir or default_cache_dir()) / self.app_name / "writes"
+
+    @property
+    def writers(self) -> list[str]:
+        """The retrievers that take writes: keyword ones, and dense ones whose queries the shared encoder
+        encodes (it embeds the writes too)."""
+        return [r.name for r in self.retrievers if self.writes.enabled and r.kind in WRITE_KINDS
+                and (r.kind != "dense" or r.shared_encoder)]
+
+    def specs(self, r: RetrieverConfig) -> list[RetrieverSpec]:
+        """What each deployment of `r` (each shard's) opens, with the writes directory if it takes writes."""
+        return r.specs(self.cache_dir, self.writes_dir if r.name in self.writers else None)
 
     @property
     def shared_models(self) -> list[str]:
@@ -449,6 +497,8 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "<config>") -> AppCo
     config.retrievers = [r.model_copy(update=_resolved(r, base_dir)) for r in config.retrievers]
     if config.cache_dir is not None:
         config.cache_dir = (base_dir / config.cache_dir.expanduser()).resolve()
+    if config.writes.dir is not None:
+        config.writes.dir = (base_dir / config.writes.dir.expanduser()).resolve()
     if config.gateway.api_keys_file is not None:
         config.gateway.api_keys_file = (base_dir / config.gateway.api_keys_file.expanduser()).resolve()
     if os.environ.get("RAGFAN_DISABLED", "").strip().lower() in {"1", "true", "yes", "on"}:

