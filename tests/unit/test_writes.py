@@ -279,7 +279,8 @@ def test_a_merge_pins_the_new_version_saves_the_pin_and_drops_the_merged_log(tmp
         assert hub.due() == ["d"]
         version = await hub.merge("d")
         assert hub.pins["d"] == version == "merged-v3" and hub.pending["d"] == []
-        assert read_pins(tmp_path) == {"pins": {"d": "merged-v3"}, "base_seq": {"d": 3, "e": 0}}
+        assert read_pins(tmp_path) == {"pins": {"d": "merged-v3"}, "base_seq": {"d": 3, "e": 0},
+                                       "touched": {"d": 2, "e": 3}}
         assert hub.truncatable() == 0  # `e` has seq 3 pending: nothing goes yet
         await hub.merge("e")
         assert [first for first, _ in segments(tmp_path)] == [4]  # both hold everything: the old segment went
