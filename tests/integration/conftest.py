@@ -112,8 +112,8 @@ def faults_url(cluster) -> str:
                 # batches of one, four at a time: an I/O-bound retriever overlapping its waits
                 synthetic("overlapping", delay_ms=300, batch={"max_batch_size": 1, "max_concurrent_batches": 4}),
                 synthetic("quick"),
-                # circuit breaking: opens after 3 failures in a row, probes again after 1 s
-                synthetic("flaky", fail="always", circuit_breaker={"failures": 3, "cooldown_s": 1.0}),
+                # circuit breaking: opens after 3 failures in a row, probes again after 5 s
+                synthetic("flaky", fail="always", circuit_breaker={"failures": 3, "cooldown_s": 5.0}),
                 # hangs for a minute; its breaker never opens, so every call waits out its deadline
                 synthetic("stuck", delay_ms=60_000, timeout_ms=300, max_in_flight=3,
                           circuit_breaker={"failures": 1000}),
