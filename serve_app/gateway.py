@@ -344,7 +344,7 @@ class Gateway:
                 "no selected retriever answered",
                 {name: {"status": o.status, "error": o.error} for name, o in outcomes.items()},
                 # every one skipped by an open circuit: retry when the first one probes again
-                retry_after_s=1,  # TEMP-BREAK
+                retry_after_s=max(1, math.ceil(min(retry))) if len(retry) == len(outcomes) else 1,
             )
         options = request.fusion or FusionOptions()
         fused = fuse(
