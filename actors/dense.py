@@ -175,7 +175,7 @@ class DenseRetriever:
             scores, ids = self._search(vectors[members], k + extra, allowed)
             for row, i in enumerate(members):
                 keep = ids[row] >= 0
-                if extra:
+                if extra and hidden is not None:
                     keep &= ~np.isin(ids[row], hidden)
                 top = queries[i].top_k
                 results[i] = [self.documents[int(doc)].hit(float(score))

@@ -173,7 +173,7 @@ class RetrieverDeployment:
         pinned = version if spec.artifacts is not None or is_merged(version) else None
         retriever = open_retriever(spec, version=pinned)
         if spec.writes_dir is not None:  # the version, and the log's writes after what it holds
-            manifest = verify(version_dir(spec, version)) if is_merged(version) else {}
+            manifest = verify(version_dir(spec, version)) if version is not None and is_merged(version) else {}
             retriever = LiveRetriever(retriever, deployment=self.deployment, base_seq=manifest.get("log_seq", 0),
                                       touched=manifest.get("log_touched", 0), log_dir=log_dir(spec.writes_dir))
             retriever.catch_up(self.released)

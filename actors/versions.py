@@ -117,8 +117,8 @@ def version_now(spec: RetrieverSpec) -> str:
 def version_dir(spec: RetrieverSpec, version: str) -> Path:
     """The directory that holds `version` of an artifacts retriever, or a merged one; DataError when it is gone."""
     if is_merged(version):
-        link = merged_link(spec)
-        path = link.parent / f".{link.name}.{version.removeprefix(MERGED)}"
+        merged = merged_link(spec)
+        path = merged.parent / f".{merged.name}.{version.removeprefix(MERGED)}"
         if not (path / MANIFEST).is_file():
             raise DataError(f"{path}: merged version {version} is gone")
         return path

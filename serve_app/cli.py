@@ -16,13 +16,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actors.errors import Conflict, InvalidRequest, NoRetrieverAvailable, NotFound, Overloaded, RagError, Unauthorized
+from actors.errors import (
+    Conflict,
+    InvalidRequest,
+    NoRetrieverAvailable,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RagError,
+    Unauthorized,
+)
 
 if TYPE_CHECKING:
     from serve_app.schemas import SearchResponse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 QUERY_BATCH = 64  # searches per request of `ragfan query --file`: the gateway's default max_batch_searches
+WRITE_BATCH = 100  # documents per request of `ragfan upsert`
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,6 +82,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     reload_p.add_argument("--app", default="ragfan", help="the app's name, with --address (default ragfan)")
     reload_p.add_argument("--json", action="store_true", help="print the answer as JSON")
 
+    for name, what in (("upsert", "add or replace documents, by id, in the running service: FILE is JSONL "
+                        "(`_id` or `id`, `text`, optional `title` and `metadata`), or - for stdin"),
+                       ("delete", "remove documents, by id, from the running service")):
+        write_p = sub.add_parser(name, help=what)
+        if name == "upsert":
+            write_p.add_argument("file", help="the documents, one JSON object per line")
+            write_p.add_argument("--batch", type=int, default=WRITE_BATCH,
+                                 help=f"documents per request (default {WRITE_BATCH}; at most writes.max_documents)")
+        else:
+            write_p.add_argument("ids", nargs="+", help="the documents' ids")
+        write_p.add_argument("--retriever", action="append", dest="retrievers", metavar="NAME",
+                             help="write to this retriever (repeatable); default: every one that takes writes")
+        write_p.add_argument("--wait", action="store_true",
+                             help="return once every replica searches the change (read-your-writes)")
+        write_p.add_argument("--url", default=os.environ.get("RAGFAN_URL", DEFAULT_URL), help=f"default {DEFAULT_URL}")
+        write_p.add_argument("--api-key", default=os.environ.get("RAGFAN_API_KEY"),
+                             help="the service's API key (default $RAGFAN_API_KEY)")
+        write_p.add_argument("--json", action="store_true", help="print each answer as JSON")
+
     ingest_p = sub.add_parser("ingest", help="build checked index artifacts from a collection")
     ingest_p.add_argument("source", help="BEIR corpus.jsonl, JSONL, a directory of .txt/.md, or (graph) triples")
     ingest_p.add_argument("--out", required=True, help="output directory: one subdirectory per kind")
@@ -118,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     commands = {"serve": serve, "query": query, "reload": reload_command, "apply": apply_command,
+                "upsert": write_command, "delete": write_command,
                 "ingest": ingest_command, "eval": eval_command, "bench": bench_command}
     try:
         return commands[args.command](args)
@@ -422,6 +452,53 @@ def reload_command(args: argparse.Namespace) -> int:
     same = " (unchanged)" if answer.version == answer.version_before else f" (was {answer.version_before})"
     print(f"{answer.name}: version {answer.version}{same}, served by {len(answer.replicas)} "
           f"replica{'s' if len(answer.replicas) != 1 else ''}, in {answer.seconds:.2f} s")
+    return 0
+
+
+def write_command(args: argparse.Namespace) -> int:
+    """`ragfan upsert FILE` and `ragfan delete ID...` over HTTP, in batches, with a progress bar."""
+    import httpx
+    from tqdm.auto import tqdm
+
+    from actors.data import read_documents
+    from serve_app.client import RagClient
+
+    if args.command == "upsert":
+        if args.batch < 1:
+            raise RagError(f"--batch must be at least 1, got {args.batch}")
+        path = "/dev/stdin" if args.file == "-" else args.file
+        if not Path(path).exists():
+            raise RagError(f"{args.file}: no such file")
+        items: list[Any] = [{"id": d.doc_id, "text": d.text, "metadata": dict(d.metadata)}
+                            for d in read_documents(path)]
+        size = args.batch
+    else:
+        items, size = list(args.ids), WRITE_BATCH
+    done, last = 0, None
+    try:
+        with RagClient(url=args.url, api_key=args.api_key) as client, \
+                tqdm(total=len(items), unit="doc", desc=args.command, disable=len(items) <= size or args.json) as bar:
+            for start in range(0, len(items), size):
+                part = items[start:start + size]
+                last = (client.upsert(part, retrievers=args.retrievers, wait=args.wait) if args.command == "upsert"
+                        else client.delete(part, retrievers=args.retrievers, wait=args.wait))
+                done += last.accepted
+                bar.update(len(part))
+                if args.json:
+                    print(last.model_dump_json())
+    except Unauthorized:
+        return _needs_key()
+    except httpx.TransportError as exc:
+        return _unreachable(args.url, exc)
+    except RagError as exc:
+        applied = f" ({done} already written)" if done else ""
+        print(f"ragfan: error: {exc.message}{applied}", file=sys.stderr)
+        return 2 if isinstance(exc, InvalidRequest | Conflict | PayloadTooLarge) else 1
+    if not args.json and last is not None:
+        seen = "searched by every replica" if last.visible else "searched within seconds"
+        verb = "upserted" if args.command == "upsert" else "deleted"
+        print(f"{verb} {done} document{'s' if done != 1 else ''} in {', '.join(last.retrievers)}: durable up to "
+              f"sequence {last.sequence}, {seen}")
     return 0
 
 

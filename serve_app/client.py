@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
@@ -61,6 +61,7 @@ from serve_app.schemas import (
     BatchSearchError,
     BatchSearchRequest,
     BatchSearchResponse,
+    DeleteRequest,
     FilterValue,
     FusionOptions,
     Include,
@@ -68,6 +69,9 @@ from serve_app.schemas import (
     ReloadResponse,
     SearchRequest,
     SearchResponse,
+    UpsertRequest,
+    WriteDocument,
+    WriteResponse,
 )
 
 # What the proxy answers when the replica it sent a request to died, or cannot be reached.
@@ -75,7 +79,8 @@ RETRY_STATUSES = frozenset({500, 502, 504})
 RETRY_NETWORK = (httpx.NetworkError, httpx.RemoteProtocolError)  # connect, read, write, a dropped connection
 SEARCH_PATH = "/v1/search"
 # each gateway method's HTTP route; {field}: filled from the body's field of that name
-PATHS = {"search": SEARCH_PATH, "search_batch": "/v1/search/batch", "reload": "/v1/retrievers/{name}/reload"}
+PATHS = {"search": SEARCH_PATH, "search_batch": "/v1/search/batch", "reload": "/v1/retrievers/{name}/reload",
+         "upsert": "/v1/documents", "delete": "/v1/documents/delete"}
 M = TypeVar("M", bound=BaseModel)
 # What the HTTP transport asks the gateway to compress with, in its order of preference (the gateway
 # picks zstd, then br, then gzip). httpx decodes gzip itself, and zstd and br with `zstandard` and
@@ -201,6 +206,35 @@ class RagClient:
         """`reload`, from async code."""
         return await self._call_async("reload", ReloadRequest(name=name), ReloadResponse)
 
+    def upsert(self, documents: Iterable[Mapping[str, Any] | WriteDocument], *, retrievers: list[str] | None = None,
+               wait: bool = False) -> WriteResponse:
+        """Add or replace documents by id: each a mapping with `id`, `text` and optional `metadata`.
+
+        Returns once the write is durable (in the write-ahead log, on disk); with `wait`, once every
+        replica of every retriever written to searches it. `retrievers`: default, every one that
+        takes writes. Raises InvalidRequest (a document without text or id, an unknown retriever),
+        Conflict (a retriever that takes no writes), PayloadTooLarge, ServiceUnavailable (not made
+        durable: nothing applied). Writes by id are idempotent, so a retry is safe."""
+        return self._call("upsert", _write(UpsertRequest, retrievers=retrievers, documents=list(documents),
+                                           wait=wait), WriteResponse)
+
+    async def upsert_async(self, documents: Iterable[Mapping[str, Any] | WriteDocument], *,
+                           retrievers: list[str] | None = None, wait: bool = False) -> WriteResponse:
+        """`upsert`, from async code."""
+        return await self._call_async("upsert", _write(UpsertRequest, retrievers=retrievers,
+                                                       documents=list(documents), wait=wait), WriteResponse)
+
+    def delete(self, ids: Iterable[str], *, retrievers: list[str] | None = None, wait: bool = False) -> WriteResponse:
+        """Remove documents by id (an id that is not there stays absent); returns as `upsert` does."""
+        return self._call("delete", _write(DeleteRequest, retrievers=retrievers, ids=list(ids), wait=wait),
+                          WriteResponse)
+
+    async def delete_async(self, ids: Iterable[str], *, retrievers: list[str] | None = None,
+                           wait: bool = False) -> WriteResponse:
+        """`delete`, from async code."""
+        return await self._call_async("delete", _write(DeleteRequest, retrievers=retrievers, ids=list(ids),
+                                                       wait=wait), WriteResponse)
+
     def _call(self, method: str, body: BaseModel, model: type[M]) -> M:
         outcome = self._transport.send(method, body)
         if self._transport.retryable(outcome):  # lost on the way: once more (a search is read-only)
@@ -272,6 +306,16 @@ def _requests(searches, top_k, retrievers, filters, timeout_ms, fusion) -> list[
         except InvalidRequest as exc:
             checked.append(exc)
     return checked
+
+
+def _write(model: type[M], **fields: Any) -> M:
+    """A write request, checked here as the gateway checks it: InvalidRequest names each problem."""
+    fields["documents" if "documents" in fields else "ids"] = [
+        d.model_dump() if isinstance(d, BaseModel) else d for d in fields.get("documents", fields.get("ids", []))]
+    try:
+        return model.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        raise InvalidRequest.from_validation(exc.errors(include_url=False)) from None
 
 
 def _validated(fields: dict[str, Any]) -> SearchRequest:

@@ -384,6 +384,10 @@ def _openapi_with_rules(api: FastAPI, gateway: Gateway, *, secured: bool) -> Cal
         # in its place while the batch answers 200, so the schema must not refuse the whole batch for it.
         searches["items"] = {"description": "a SearchRequest (#/components/schemas/SearchRequest), checked on its own"}
         searches["maxItems"] = config.gateway.max_batch_searches
+        for model, items in (("UpsertRequest", "documents"), ("DeleteRequest", "ids")):
+            write = components[model]["properties"]
+            write["retrievers"]["anyOf"][0]["items"] = names  # a name that takes no writes: 409, as documented
+            write[items]["maxItems"] = config.writes.max_documents
         if secured:
             schema["components"]["securitySchemes"] = {"APIKey": {"type": "http", "scheme": "bearer"}}
             for path, operations in schema["paths"].items():

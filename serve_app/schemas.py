@@ -214,7 +214,7 @@ class WriteDocument(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     id: str = Field(min_length=1, max_length=512, description="the document's id; a write to an id replaces it, and "
-                    "every chunk `ragfan ingest` cut from it")
+                    "every chunk `ragfan ingest` cut from it", json_schema_extra={"pattern": QUERY_PATTERN})
     text: str = Field(description="what is searched. Control characters are kept as spaces; it must not be blank",
                       json_schema_extra={"pattern": QUERY_PATTERN})
     metadata: dict[str, FilterValue] = Field({}, description="exact-match filter values (stored as text)")
@@ -253,7 +253,7 @@ class DeleteRequest(BaseModel):
 
     retrievers: list[str] | None = Field(None, min_length=1, description="retrievers to delete from; null: every "
                                          "retriever that takes writes")
-    ids: list[Annotated[str, Field(min_length=1, max_length=512)]] = Field(
+    ids: list[Annotated[str, Field(min_length=1, max_length=512, pattern=QUERY_PATTERN)]] = Field(
         min_length=1, description="an id that is not there is no error: it stays absent")
     wait: bool = Field(False, description="answer only once every replica of every named retriever has applied it")
 

@@ -43,6 +43,7 @@ class Writer:
 
     async def upsert(self, request: UpsertRequest | dict[str, Any]) -> WriteResponse:
         request = _parse(UpsertRequest, request)
+        assert isinstance(request, UpsertRequest)
         targets = self._targets(request.retrievers, len(request.documents))
         docs = request.documents
         vectors: dict[str, list[str]] = {}  # resolved model -> each document's vector, encoded for the log
@@ -58,6 +59,7 @@ class Writer:
 
     async def delete(self, request: DeleteRequest | dict[str, Any]) -> WriteResponse:
         request = _parse(DeleteRequest, request)
+        assert isinstance(request, DeleteRequest)
         targets = self._targets(request.retrievers, len(request.ids))
         records = [{"op": "delete", "to": _deployments(targets, i), "id": i} for i in request.ids]
         return await self._log(records, targets, request.wait)

@@ -9,6 +9,8 @@ each test checks all of it again after its fault.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import uuid
 from pathlib import Path
@@ -167,6 +169,45 @@ def test_a_cached_answer_from_before_a_write_is_not_served_after_it(app, http, w
     assert [h["id"] for h in hits(http, url, w, "keyword", cache=True)][:1] == [w]
 
 
+# -- the client and the CLI --------------------------------------------------------------------------------
+def test_the_client_upserts_and_deletes_over_http_and_through_a_handle_sync_and_async(app, http, written):
+    url, _, _ = app
+    from serve_app.client import RagClient
+
+    over_http = RagClient(url=url, api_key=KEY)
+    through_handle = RagClient(APP)  # joins the session's cluster, no key: a handle needs none
+    for client in (over_http, through_handle):
+        with client:
+            a, b = doc(written), doc(written)
+            answer = client.upsert([a], wait=True)
+            assert answer.accepted == 1 and answer.visible and answer.retrievers == WRITERS
+            assert asyncio.run(client.upsert_async([b], retrievers=["keyword"], wait=True)).retrievers == ["keyword"]
+            written.pop(b["id"])
+            gone = client.delete([a["id"]], wait=True)
+            assert gone.sequence > answer.sequence and gone.visible
+            written[a["id"]] = None
+            assert asyncio.run(client.delete_async([b["id"]], wait=True)).accepted == 1
+            written[b["id"]] = None
+    check_everything(http, url, written, rounds=2)
+
+
+def test_the_cli_upserts_a_jsonl_file_and_deletes_ids(app, http, written, tmp_path, capsys):
+    url, _, _ = app
+    from serve_app.cli import main
+
+    docs = [doc(written) for _ in range(5)]
+    source = tmp_path / "new.jsonl"
+    source.write_text("".join(json.dumps({"_id": d["id"], "text": d["text"]}) + "\n" for d in docs))
+    assert main(["upsert", str(source), "--url", url, "--api-key", KEY, "--wait", "--batch", "2"]) == 0
+    assert "upserted 5 documents in dense, keyword, split" in capsys.readouterr().out
+    assert main(["delete", docs[0]["id"], "--url", url, "--api-key", KEY, "--wait"]) == 0
+    written[docs[0]["id"]] = None
+    assert main(["delete", "x", "--url", url, "--api-key", KEY, "--retriever", "quick"]) == 2
+    assert "does not take writes" in capsys.readouterr().err
+    assert main(["upsert", str(source), "--url", url]) == 2  # no key
+    check_everything(http, url, written, rounds=1)
+
+
 # -- bad input ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("body", "status", "says"), [
     ({"documents": [{"id": "x", "text": "  "}]}, 422, "text"),
@@ -302,6 +343,13 @@ def test_acknowledged_writes_survive_a_full_stop_and_restart_of_the_app(app, htt
     d = doc(written)
     assert upsert(http, url, [d]).status_code == 200
     check_everything(http, url, written, rounds=1)
+
+
+def test_the_write_routes_pass_every_fuzz_check(app, tmp_path):
+    from tests.integration.test_fuzz import fuzz
+
+    url, _, _ = app
+    fuzz(url, tmp_path, "--header", f"Authorization: Bearer {KEY}", "--include-path-regex", "^/v1/documents")
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
