@@ -5,6 +5,8 @@
 - serveConfigV2 is serve.yaml; the RayCluster is the RayService's rayClusterConfig.
 - The ragfan config that serveConfigV2 names loads, matches the embedded default but for placement and
   scaling, and its replicas fit the worker groups: custom resources offered, pods big enough, enough pods.
+- Every Ray pod group (the head too) and the ingest Job mount the shared volume where RAGFAN_CACHE_DIR
+  points, so the writes directory (log, merged versions, pins) is one that every replica shares.
 """
 
 from __future__ import annotations
@@ -323,19 +325,63 @@ def _containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
     return pod_spec.get("initContainers", []) + pod_spec["containers"]
 
 
-def test_workers_read_indexes_from_the_shared_volume(cluster_spec):
+def _ray_groups(cluster_spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every group of Ray pods, the head's included: the Serve controller on the head builds the app and
+    resolves the writes directory there, and any pod with CPUs can take the `versions` deployment
+    (num_cpus 0.05, no custom resource), a retriever or the gateway."""
+    return {"head": cluster_spec["headGroupSpec"], **{g["groupName"]: g for g in cluster_spec["workerGroupSpecs"]}}
+
+
+def _volume_problems(spec: dict[str, Any], claim: str) -> list[str]:
+    """Why a pod would not keep ragfan's files (indexes, artifacts, the write-ahead log, merged versions,
+    pins) on the shared volume: a container without `claim` at VOLUME_PATH, or RAGFAN_CACHE_DIR elsewhere."""
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", [])
+              if "persistentVolumeClaim" in v}
+    problems = []
+    for c in _containers(spec):
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+        if claims.get(mounts.get(VOLUME_PATH, "")) != claim:
+            problems.append(f"{c['name']}: claim {claim} not mounted at {VOLUME_PATH}")
+    env = {e["name"]: e.get("value") for e in spec["containers"][0].get("env", [])}
+    if env.get("RAGFAN_CACHE_DIR") != VOLUME_PATH:
+        problems.append(f"RAGFAN_CACHE_DIR is {env.get('RAGFAN_CACHE_DIR')!r}, not {VOLUME_PATH}")
+    return problems
+
+
+def test_every_ray_pod_and_the_ingest_job_keep_ragfans_files_on_the_shared_volume(cluster_spec):
     (pvc,) = documents(CLUSTER / "storage.yaml")
     assert pvc["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in pvc["spec"]["accessModes"]
     (job,) = documents(CLUSTER / "ingest-job.yaml")
-    pod_specs = [g["template"]["spec"] for g in cluster_spec["workerGroupSpecs"]] + [job["spec"]["template"]["spec"]]
-    for spec in pod_specs:
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]
-                  if "persistentVolumeClaim" in v}
-        for c in _containers(spec):
-            mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-            assert claims[mounts[VOLUME_PATH]] == pvc["metadata"]["name"], c["name"]
-        env = {e["name"]: e["value"] for e in spec["containers"][0]["env"]}
-        assert env["RAGFAN_CACHE_DIR"] == VOLUME_PATH
+    pods = {name: g["template"]["spec"] for name, g in _ray_groups(cluster_spec).items()}
+    pods["ingest-job"] = job["spec"]["template"]["spec"]
+    assert {"head", "dense", "general", "ingest-job"} <= set(pods)
+    problems = {name: _volume_problems(spec, pvc["metadata"]["name"]) for name, spec in pods.items()}
+    assert problems == {name: [] for name in pods}
+
+
+@pytest.mark.parametrize("drop", ["mount", "volume", "env"])
+def test_a_pod_group_without_the_shared_volume_is_caught(cluster_spec, drop):
+    head = copy.deepcopy(cluster_spec["headGroupSpec"]["template"]["spec"])
+    container = head["containers"][0]
+    if drop == "mount":
+        del container["volumeMounts"]
+    elif drop == "volume":
+        del head["volumes"]
+    else:
+        container["env"] = [e for e in container["env"] if e["name"] != "RAGFAN_CACHE_DIR"]
+    expected = (f"RAGFAN_CACHE_DIR is None, not {VOLUME_PATH}" if drop == "env"
+                else f"ray-head: claim ragfan-index not mounted at {VOLUME_PATH}")
+    assert _volume_problems(head, "ragfan-index") == [expected]
+
+
+def test_the_writes_directory_is_on_the_shared_volume(ragfan_config, monkeypatch):
+    """The pods' RAGFAN_CACHE_DIR puts the log and the merged versions on the volume (cluster_configs/README.md)."""
+    monkeypatch.setenv("RAGFAN_CACHE_DIR", VOLUME_PATH)
+    assert ragfan_config.writers, "ragfan-cluster.yaml takes writes"
+    assert ragfan_config.writes_dir == Path(VOLUME_PATH) / ragfan_config.app_name / "writes"
+    for r in ragfan_config.retrievers:
+        for spec in ragfan_config.specs(r):
+            assert spec.writes_dir is None or spec.writes_dir.is_relative_to(VOLUME_PATH), spec.deployment
 
 
 def test_one_image_one_ray_version_one_torch(cluster_spec):
