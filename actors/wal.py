@@ -186,7 +186,8 @@ class LogReader:
         self._offset = 0
 
     def _next_segment(self) -> bool:
-        later = [p for first, p in segments(self.directory) if first == self.after + 1]
+        """Move on to the segment that starts after the last record read; False when there is none yet."""
+        later = [p for first, p in segments(self.directory) if first == self.after + 1 and p != self._path]
         if not later:
             return False
         self._path, self._offset = later[0], 0

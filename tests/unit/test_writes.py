@@ -94,6 +94,11 @@ def test_segments_go_only_once_every_record_in_them_is_merged(tmp_path):
     assert [first for first, _ in segments(tmp_path)] == [4]
     # a reader starting from a version that holds less replays what is left: the rest was merged
     assert [r["seq"] for r in LogReader(tmp_path, after=0).read(upto=9)] == [4]
+    log.rotate()  # a new, empty segment: a reader at the end of the log returns, with nothing more
+    reader = LogReader(tmp_path, after=0)
+    assert [r["seq"] for r in reader.read(upto=10**9)] == [4] and reader.read(upto=10**9) == []
+    log.append([{"op": "delete", "to": ["d"], "id": "5"}])
+    assert [r["seq"] for r in reader.read(upto=10**9)] == [5]
 
 
 # -- a retriever's delta ------------------------------------------------------------------------------------
@@ -295,3 +300,108 @@ def test_the_log_is_json_lines_a_person_can_read(tmp_path):
     log.append([{"op": "upsert", "to": ["d"], "id": "é", "text": "naïve café\u0007", "metadata": {}}])
     [line] = log.path.read_text(encoding="utf-8").splitlines()
     assert json.loads(line)["text"] == "naïve café\u0007"
+
+
+# -- the gateway's side -----------------------------------------------------------------------------------
+def write_app(tmp_path, *, enabled: bool = True):
+    """A gateway over fake handles: two dense retrievers of one model (one sharded), a keyword one and a
+    synthetic one, with the WriteHub itself behind a fake `versions` handle."""
+    from pathlib import Path
+
+    from serve_app.config import parse_config
+    from serve_app.gateway import Gateway
+    from serve_app.testing import FakeHandle
+    from tests.unit.fakes import FakeEncoder
+
+    data = {"data": "unused.jsonl", "timeout_ms": 2000}
+    config = parse_config({
+        "writes": {"enabled": enabled, "dir": str(tmp_path / "writes"), "max_documents": 3},
+        "retrievers": [{"name": "one", "kind": "dense", **data}, {"name": "two", "kind": "dense", "shards": 2, **data},
+                       {"name": "kw", "kind": "keyword", **data}, {"name": "syn", "kind": "synthetic", **data}],
+    }, base_dir=Path("."))
+    encoder = FakeEncoder(HashingEmbedder())
+    hub = WriteHub(config.writes_dir / "log", ["one", "two-shard0", "two-shard1", "kw"]) if enabled else None
+    gateway = Gateway(config, {r.name: [] for r in config.retrievers}, {"default": FakeHandle(encoder)},
+                      versions=FakeHandle(hub) if hub else None)
+    return gateway, encoder, hub
+
+
+def logged(hub: WriteHub) -> list[dict]:
+    return LogReader(hub.log_dir, after=0).read(upto=10**9)
+
+
+def test_a_write_is_embedded_once_per_model_and_each_record_names_the_shard_that_owns_its_id(tmp_path):
+    from actors.shards import shard_of
+
+    gateway, encoder, hub = write_app(tmp_path)
+
+    async def main():
+        return await gateway.upsert({"documents": [{"id": "x", "text": "alpha beta"}, {"id": "y", "text": "gamma"}]})
+
+    answer = asyncio.run(main())
+    assert (answer.accepted, answer.sequence, answer.retrievers) == (2, 2, ["one", "two", "kw"])
+    assert encoder.embedder.calls == [2]  # one call, for both dense retrievers of the model
+    records = logged(hub)
+    assert [r["to"] for r in records] == [["one", f"two-shard{shard_of(i, 2)}", "kw"] for i in ("x", "y")]
+    assert all(len(r["vectors"]) == 1 for r in records)  # one model: one vector per document
+    assert gateway.touched["one"] == 2 and gateway.lanes["one"].touched == {"one": 2}
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    ({"documents": [{"id": "x", "text": "ok"}], "retrievers": ["nope"]}, "InvalidRequest"),
+    ({"documents": [{"id": "x", "text": "ok"}], "retrievers": ["syn"]}, "Conflict"),
+    ({"documents": [{"id": "x", "text": "ok"}, {"id": "y", "text": " \x00 "}]}, "InvalidRequest"),
+    ({"documents": [{"id": "", "text": "ok"}]}, "InvalidRequest"),
+    ({"documents": [{"id": str(i), "text": "ok"} for i in range(4)]}, "PayloadTooLarge"),
+])
+def test_a_bad_write_raises_before_anything_is_embedded_or_logged(tmp_path, body, error):
+    gateway, encoder, hub = write_app(tmp_path)
+    with pytest.raises(Exception) as caught:
+        asyncio.run(gateway.upsert(body))
+    assert type(caught.value).__name__ == error
+    assert encoder.embedder.calls == [] and hub.log.end == 0
+
+
+def test_an_app_with_writes_off_answers_409(tmp_path):
+    from actors.errors import Conflict
+
+    gateway, _, _ = write_app(tmp_path, enabled=False)
+    with pytest.raises(Conflict, match="takes no writes"):
+        asyncio.run(gateway.delete({"ids": ["x"]}))
+
+
+def test_messy_text_is_written_with_its_control_characters_as_spaces(tmp_path):
+    gateway, _, hub = write_app(tmp_path)
+    asyncio.run(gateway.upsert({"documents": [{"id": "m", "text": "metformin\x07lowers\u0097glucose"}],
+                                "retrievers": ["kw"]}))
+    [record] = logged(hub)
+    assert record["text"] == "metformin lowers glucose" and record["to"] == ["kw"]
+
+
+# -- merges that are cut short ---------------------------------------------------------------------------
+class DyingReplica:
+    """A replica killed while it writes the merged version."""
+
+    @property
+    def merge(self):
+        class Remote:
+            async def remote(self):
+                raise RuntimeError("the replica died")
+
+        return Remote()
+
+
+def test_a_merge_cut_short_changes_no_pin_and_drops_no_record(tmp_path):
+    async def main():
+        hub = WriteHub(tmp_path, ["d"], max_docs=1, replica=lambda d: DyingReplica())
+        await hub.write(records("x", "y"))
+        with pytest.raises(RuntimeError):
+            await hub.merge("d")
+        assert "d" not in hub.pins and len(hub.pending["d"]) == 2
+        assert [r["id"] for r in LogReader(tmp_path, after=0).read(upto=10)] == ["x", "y"]
+        # a hub that restarts then (or the next try) finds every record still pending
+        again = WriteHub(tmp_path, ["d"], max_docs=1, replica=lambda d: MergingReplica(2))
+        assert again.due() == ["d"]
+        assert await again.merge("d") == "merged-v2" and again.pending["d"] == []
+
+    asyncio.run(main())
