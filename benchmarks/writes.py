@@ -8,11 +8,12 @@ domain) with its writes directory in a temporary directory, on a local cluster, 
 
 1. searches with 8 closed-loop HTTP clients (`cache: false`: every search reaches the retrievers)
    for `--baseline` seconds, with no writes;
-2. goes on searching while one writer sends 20 writes a second for `--duration` seconds: short
-   documents (one or two sentences, each with a made-up word), of which 80% new ids, 10% a new text
-   for an earlier id, 10% a delete of an earlier id; every tenth with `wait: true`. For every
-   acknowledged write a watcher asks the hub (`wait_applied`) when every live replica of every
-   writer has applied it: the visibility latency, from the acknowledgement;
+2. goes on searching while a writer sends 20 writes a second, open-loop, for `--duration` seconds:
+   short documents (a made-up word and a sentence), of which 80% new ids, 10% a new text for an
+   earlier id, 10% a delete of an earlier id; every tenth with `wait: true`. Every 20 ms a poller
+   reads from the hub the last record each live replica of each writer has applied: a write is
+   visible everywhere at the first poll where all of them have it, and its visibility latency runs
+   from its acknowledgement to then;
 3. then sends SciFact abstracts as fast as the app takes them (8 per request, 2 requests in flight)
    for `--abstracts` seconds, still under search load, and measures the encoder's own rate on the
    same abstracts beforehand;
@@ -90,39 +91,51 @@ class Load:
 
 
 class Writes:
-    """What was acknowledged: each id's last text (None: deleted), and each write's latencies."""
+    """What was acknowledged: each id's last text (None: deleted), by the sequence number the hub gave it,
+    and each write's latencies. Writes are sent open-loop: one every 1/rate seconds, however long the
+    ones before take, up to MAX_IN_FLIGHT at once."""
 
-    def __init__(self, url: str, hub: Any) -> None:
-        self.url, self.hub = url, hub
-        self.state: dict[str, str | None] = {}
+    MAX_IN_FLIGHT = 64
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.state: dict[str, tuple[int, str | None]] = {}  # id -> (seq of its last acknowledged write, text)
         self.texts: dict[str, str] = {}  # each id's last text, deleted or not: what a check searches for
         self.rows: list[dict[str, Any]] = []
         self.failed: list[str] = []
-        self.watchers: list[asyncio.Task] = []
+        self.tasks: set[asyncio.Task] = set()
 
-    async def send(self, http: httpx.AsyncClient, path: str, body: dict[str, Any], kind: str, count: int,
-                   t0: float) -> bool:
+    def present(self) -> dict[str, str | None]:
+        return {doc_id: text for doc_id, (_, text) in self.state.items()}
+
+    def _acked(self, doc_id: str, seq: int, text: str | None) -> None:
+        if doc_id not in self.state or self.state[doc_id][0] < seq:  # the hub's order, not the answers'
+            self.state[doc_id] = (seq, text)
+
+    async def send(self, http: httpx.AsyncClient, path: str, body: dict[str, Any], kind: str, t0: float) -> None:
         started = time.perf_counter()
         try:
             r = await http.post(f"{self.url}{path}", json=body)
         except httpx.HTTPError as exc:
             self.failed.append(f"{kind}: {type(exc).__name__}")
-            return False
-        acked = time.perf_counter()
+            return
         if r.status_code != 200:
             self.failed.append(f"{kind}: {r.status_code} {r.text[:200]}")
-            return False
-        answer = r.json()
-        row = {"t": started - t0, "kind": kind, "docs": count, "ack_ms": (acked - started) * 1000,
-               "wait": body.get("wait", False), "seq": answer["sequence"]}
-        self.rows.append(row)
-        self.watchers.append(asyncio.ensure_future(self.watch(row, acked)))
-        return True
+            return
+        seq = r.json()["sequence"]
+        docs = body.get("documents") or [{"id": i, "text": None} for i in body["ids"]]
+        for i, d in enumerate(docs):  # a write's documents have consecutive sequence numbers, in order
+            self._acked(d["id"], seq - len(docs) + 1 + i, d["text"])
+            if d["text"] is not None:
+                self.texts[d["id"]] = d["text"]
+        self.rows.append({"t": started - t0, "kind": kind, "docs": len(docs), "wait": body.get("wait", False),
+                          "ack_ms": (time.perf_counter() - started) * 1000, "seq": seq,
+                          "acked_at": time.perf_counter()})
 
-    async def watch(self, row: dict[str, Any], acked: float) -> None:
-        """When every live replica of every writer has applied the write: visible everywhere."""
-        visible = await self.hub.wait_applied.remote(WRITERS, row["seq"], 60.0)
-        row["visible_ms"] = (time.perf_counter() - acked) * 1000 if visible else None
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def steady(self, http: httpx.AsyncClient, rate: float, seconds: float, t0: float) -> None:
         """`rate` writes a second of short documents: new ids, new texts for old ids, and deletes."""
@@ -130,64 +143,103 @@ class Writes:
         next_at, end, n = time.perf_counter(), time.perf_counter() + seconds, 0
         while time.perf_counter() < end:
             n += 1
-            live = [i for i, text in self.state.items() if text is not None]
-            roll = rng.random()
-            word = "zq" + uuid.uuid4().hex[:12]
-            if roll < 0.1 and live:
-                doc_id = rng.choice(live)
-                ok = await self.send(http, "/v1/documents/delete", {"ids": [doc_id]}, "delete", 1, t0)
-                if ok:
-                    self.state[doc_id] = None
+            live = [i for i, (_, text) in self.state.items() if text is not None]
+            roll, word = rng.random(), "zq" + uuid.uuid4().hex[:12]
+            if len(self.tasks) >= self.MAX_IN_FLIGHT:
+                self.failed.append("writer: too many writes in flight, one skipped")
+            elif roll < 0.1 and live:
+                self._spawn(self.send(http, "/v1/documents/delete", {"ids": [rng.choice(live)]}, "delete", t0))
             else:
                 doc_id = rng.choice(live) if roll < 0.2 and live else word
-                text = f"{word} {rng.choice(SENTENCES)}"
-                body = {"documents": [{"id": doc_id, "text": text}], "wait": n % 10 == 0}
-                if await self.send(http, "/v1/documents", body, "upsert" if doc_id == word else "update", 1, t0):
-                    self.state[doc_id] = self.texts[doc_id] = text
+                body = {"documents": [{"id": doc_id, "text": f"{word} {rng.choice(SENTENCES)}"}], "wait": n % 10 == 0}
+                self._spawn(self.send(http, "/v1/documents", body, "upsert" if doc_id == word else "update", t0))
             next_at += 1 / rate
             await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks))
 
-    async def abstracts(self, http: httpx.AsyncClient, docs: list[dict[str, str]], seconds: float, t0: float) -> int:
+    async def abstracts(self, http: httpx.AsyncClient, docs: list[dict[str, str]], seconds: float, t0: float) -> float:
         """As many abstracts as the app takes in `seconds`: 8 per request, 2 requests in flight."""
         queue, end, sent = list(docs), time.perf_counter() + seconds, [0]
 
         async def one() -> None:
             while queue and time.perf_counter() < end:
                 batch = [queue.pop() for _ in range(min(8, len(queue)))]
-                if await self.send(http, "/v1/documents", {"documents": batch}, "abstracts", len(batch), t0):
-                    for d in batch:
-                        self.state[d["id"]] = self.texts[d["id"]] = d["text"]
-                    sent[0] += len(batch)
+                before = len(self.rows)
+                await self.send(http, "/v1/documents", {"documents": batch}, "abstracts", t0)
+                sent[0] += len(batch) if len(self.rows) > before else 0
 
         started = time.perf_counter()
         await asyncio.gather(one(), one())
         return round(sent[0] / (time.perf_counter() - started), 1)
 
 
+class Visibility:
+    """When each write became visible everywhere: polls the hub every `every_s` for the last record each
+    live replica of each writer has applied (the replicas are listed from the cluster's named actors)."""
+
+    def __init__(self, hub: Any, every_s: float = 0.02) -> None:
+        self.hub, self.every_s, self.stop = hub, every_s, asyncio.Event()
+        self.visible_at: list[tuple[float, int]] = []  # (when, the last seq every live replica had applied)
+
+    async def run(self) -> None:
+        import ray
+
+        live: set[str] = set()
+        listed = 0.0
+        while not self.stop.is_set():
+            if time.perf_counter() - listed > 0.5:
+                named = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
+                live = {a["name"].rsplit("#", 1)[1] for a in named if a["name"].startswith("SERVE_REPLICA::ragfan#")}
+                listed = time.perf_counter()
+            state = await self.hub.writes_state.remote()
+            applied = [seq for d in WRITERS for member, seq in state["deployments"][d]["applied"].items()
+                       if member in live]
+            if applied:
+                self.visible_at.append((time.perf_counter(), min(applied)))
+            await asyncio.sleep(self.every_s)
+
+    def latency_ms(self, row: dict[str, Any]) -> float | None:
+        """From the write's acknowledgement to the first poll that found it applied everywhere."""
+        for when, seq in self.visible_at:
+            if seq >= row["seq"] and when >= row["acked_at"] - 1.0:
+                return max(0.0, (when - row["acked_at"]) * 1000)
+        return None
+
+
 async def check(url: str, writes: Writes) -> dict[str, Any]:
     """Every acknowledged id in corpus and keyword: found first by a search for its last text, with that
     text, if present; not found by it if deleted. Returns the counts and the ids that were wrong."""
     wrong: list[str] = []
-    ids = list(writes.texts)
+    state = writes.present()
+    unanswered = 0
     async with httpx.AsyncClient(timeout=120) as http:
         for name in ("corpus", "keyword"):
-            for start in range(0, len(ids), 16):  # 16 abstracts as queries stay under the 64 KiB body limit
-                part = ids[start:start + 16]
-                body = {"searches": [{"query": writes.texts[i], "retrievers": [name], "cache": False, "top_k": 10}
-                                     for i in part]}
-                r = await http.post(f"{url}/v1/search/batch", json=body)
-                r.raise_for_status()
-                for doc_id, item in zip(part, r.json()["responses"], strict=True):
-                    results = item.get("results", [])
-                    found = {x["id"]: x.get("text") for x in results}
-                    expected = writes.state[doc_id]
-                    if expected is None and doc_id in found:
-                        wrong.append(f"{name}: {doc_id} deleted but found")
-                    elif expected is not None and (not results or found.get(doc_id) != expected):
-                        wrong.append(f"{name}: {doc_id} missing or stale")
-    present = sum(v is not None for v in writes.state.values())
-    return {"ids": len(ids), "present": present, "deleted": len(ids) - present, "lost_or_wrong": len(wrong),
-            "examples": wrong[:5]}
+            todo, tries = list(state), 0
+            while todo and tries < 5:  # a search whose retriever timed out (a replica still starting) is asked again
+                tries, again = tries + 1, []
+                for start in range(0, len(todo), 16):  # 16 abstracts as queries stay under the 64 KiB body limit
+                    part = todo[start:start + 16]
+                    body = {"searches": [{"query": writes.texts[i], "retrievers": [name], "cache": False,
+                                          "top_k": 10} for i in part]}
+                    r = await http.post(f"{url}/v1/search/batch", json=body)
+                    r.raise_for_status()
+                    for doc_id, item in zip(part, r.json()["responses"], strict=True):
+                        if item.get("retrievers", {}).get(name, {}).get("status") != "ok":
+                            again.append(doc_id)
+                            continue
+                        found = {x["id"]: x.get("text") for x in item["results"]}
+                        if state[doc_id] is None and doc_id in found:
+                            wrong.append(f"{name}: {doc_id} deleted but found")
+                        elif state[doc_id] is not None and found.get(doc_id) != state[doc_id]:
+                            wrong.append(f"{name}: {doc_id} missing or stale")
+                todo = again
+                if todo:
+                    await asyncio.sleep(2.0)
+            unanswered += len(todo)
+    present = sum(v is not None for v in state.values())
+    return {"ids": len(state), "present": present, "deleted": len(state) - present, "lost_or_wrong": len(wrong),
+            "never_answered": unanswered, "examples": wrong[:5]}
 
 
 def kill_one(app: str, deployment: str) -> str:
@@ -258,12 +310,13 @@ async def load_run(args: argparse.Namespace) -> dict[str, Any]:
                                   [d["text"] for d in abstracts[:256]])
     abstracts = abstracts[256:]
     print(f"encoder alone: {own_rate} abstracts/s")
-    load, writes = Load(url), Writes(url, hub)
+    load, writes, visibility = Load(url), Writes(url), Visibility(hub)
     phases: dict[str, tuple[float, float]] = {}
     limits = httpx.Limits(max_connections=SEARCH_CLIENTS + 8)
     async with httpx.AsyncClient(timeout=60, limits=limits) as http, httpx.AsyncClient(timeout=120) as writer:
         t0 = time.perf_counter()
         clients = [asyncio.ensure_future(load.client(i, http, t0)) for i in range(SEARCH_CLIENTS)]
+        polling = asyncio.ensure_future(visibility.run())
         await asyncio.sleep(args.baseline)
         phases["searches alone"] = (0.0, time.perf_counter() - t0)
         start = time.perf_counter() - t0
@@ -274,7 +327,9 @@ async def load_run(args: argparse.Namespace) -> dict[str, Any]:
         phases["searches + abstracts"] = (start, time.perf_counter() - t0)
         load.stop.set()
         await asyncio.gather(*clients)
-        await asyncio.gather(*writes.watchers)
+        await asyncio.sleep(5)  # the last writes become visible
+        visibility.stop.set()
+        await polling
     print(f"abstracts: {abstract_rate}/s")
     checks = {"after the load": await check(url, writes)}
     faults: dict[str, Any] = {}
@@ -298,6 +353,8 @@ async def load_run(args: argparse.Namespace) -> dict[str, Any]:
 
     steady_rows = rows("upsert|update|delete", *phases["searches + short writes"])
     abstract_rows = rows("abstracts", *phases["searches + abstracts"])
+    for row in writes.rows:
+        row["visible_ms"] = visibility.latency_ms(row)
     short_seconds = phases["searches + short writes"][1] - phases["searches + short writes"][0]
     return {
         "config": "embedded default, writes on; 8 search clients, cache: false",
