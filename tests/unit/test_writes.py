@@ -405,3 +405,20 @@ def test_a_merge_cut_short_changes_no_pin_and_drops_no_record(tmp_path):
         assert await again.merge("d") == "merged-v2" and again.pending["d"] == []
 
     asyncio.run(main())
+
+
+# -- the CLI, before any service answers -----------------------------------------------------------------
+def test_ragfan_upsert_says_what_is_wrong_without_a_traceback(tmp_path, capsys):
+    from serve_app.cli import main
+
+    assert main(["upsert", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    source = tmp_path / "docs.jsonl"
+    source.write_text('{"_id": "a", "text": "fine"}\n{"_id": "b"}\n')
+    assert main(["upsert", str(source)]) == 2
+    assert "docs.jsonl:2" in capsys.readouterr().err  # the line without text
+    source.write_text('{"_id": "a", "text": "fine"}\n')
+    assert main(["upsert", str(source), "--batch", "0"]) == 2
+    assert main(["upsert", str(source), "--url", "http://127.0.0.1:9"]) == 1
+    assert "cannot reach ragfan" in capsys.readouterr().err
+    assert main(["delete", "a", "--url", "http://127.0.0.1:9"]) == 1
