@@ -32,7 +32,7 @@ import base64
 import math
 import threading
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -219,21 +219,14 @@ class LiveRetriever:
         return score
 
     # -- merging ------------------------------------------------------------------------------
-    def documents(self) -> Iterator[Document]:
-        """The merged collection: the base's documents but the tombstones, then the delta's."""
-        hidden = set(self.hidden.tolist())
-        for i, doc in enumerate(self.base.documents):
-            if i not in hidden:
-                yield doc
-        yield from self._docs.values()
-
     def save(self, directory: Path) -> dict[str, Any]:
         """Write the merged state as a complete version into `directory`: its manifest fields."""
-        with self._lock:  # no write is applied while the snapshot is taken
-            docs = list(self.documents())
-            seq, touched = self.applied, self.touched
-            delta = [self._vectors[d] for d in self._docs] if self._vectors else []
-            hidden = self.hidden
+        with self._lock:  # the delta as of one record: searches wait only for this copy, not the write-out
+            seq, touched, hidden = self.applied, self.touched, self.hidden
+            written = list(self._docs.values())
+            delta = [self._vectors[d.doc_id] for d in written] if self._vectors else []
+        gone = set(hidden.tolist())  # the base never changes: read it without the lock
+        docs = [d for i, d in enumerate(self.base.documents) if i not in gone] + written
         if not docs:
             raise RetrieverFailed(f"{self.name}: every document was deleted; a version needs at least one")
         merged: DenseRetriever | KeywordRetriever

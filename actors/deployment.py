@@ -212,7 +212,11 @@ class RetrieverDeployment:
                              self.spec.name, pin, self.version, reason)
                 failed = {self.deployment: (pin, reason)}
                 continue
-            before = self.version
+            before, served = self.version, self.retriever
+            if isinstance(retriever, LiveRetriever) and isinstance(served, LiveRetriever):
+                # On the loop, with no await before the swap: the new version never answers with fewer
+                # writes than the one it replaces had applied (a few records at most, read from the log).
+                retriever.catch_up(served.applied)
             # The swap: searches already running finish on the retriever they started with.
             self.retriever, self.version, self.fingerprint = retriever, version, fp
             if self.runner is None:  # it had failed to start: a fixed index brings it back

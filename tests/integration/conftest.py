@@ -63,9 +63,11 @@ def metrics_port(cluster) -> int:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory):
     port = free_port()
-    # `dense`: what KubeRay's dense worker pods advertise, so the manifest's dense retrievers can be placed
+    # `dense`: what KubeRay's dense worker pods advertise, so the manifest's dense retrievers can be placed.
+    # 12 logical CPUs on 2 cores: the session's apps stay deployed until its end, and the last module's app
+    # (test_writes) must still find the fractions of a CPU its replicas ask for, or serve.run waits forever.
     with serve_env():
-        ray.init(num_cpus=8, resources={"dense": DENSE_UNITS}, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=12, resources={"dense": DENSE_UNITS}, include_dashboard=False, log_to_driver=False,
                  _metrics_export_port=METRICS_PORT,
                  _system_config={"metrics_report_interval_ms": METRICS_REPORT_MS})
     serve.start(http_options={"host": "127.0.0.1", "port": port})

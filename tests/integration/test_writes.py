@@ -49,6 +49,7 @@ def app(cluster, tmp_path_factory):
         "app_name": APP,
         "cache_dir": str(tmp_path_factory.mktemp("writes-cache")),
         "gateway": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}},
+        "encoder": {"ray_actor_options": {"num_cpus": 0.2}},
         "writes": {"enabled": True, "dir": str(writes_dir), "max_documents": 50,
                    "merge": {"max_docs": MERGE_DOCS, "max_age_s": 3600}},
         "retrievers": [
