@@ -495,7 +495,7 @@ def write_command(args: argparse.Namespace) -> int:
         print(f"ragfan: error: {exc.message}{applied}", file=sys.stderr)
         return 2 if isinstance(exc, InvalidRequest | Conflict | PayloadTooLarge) else 1
     if not args.json and last is not None:
-        seen = "searched by every replica" if last.visible else "searched within seconds"
+        seen = "visible on every replica" if last.visible else "visible within seconds"
         verb = "upserted" if args.command == "upsert" else "deleted"
         print(f"{verb} {done} document{'s' if done != 1 else ''} in {', '.join(last.retrievers)}: durable up to "
               f"sequence {last.sequence}, {seen}")
