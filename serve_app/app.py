@@ -71,8 +71,11 @@ class GatewayDeployment(Gateway):
         self.api_key_digests = api_key_digests
         loop = asyncio.get_running_loop()
         self._pushing = loop.create_task(self._push_forever()) if telemetry else None
-        self._following = loop.create_task(self._follow_forever()) if versions is not None else None
-        self._writing = loop.create_task(self._follow_writes_forever()) if config.writes_dir else None
+        self._following = loop.create_task(self._forever(self.follow_versions, "version hub", 1.0)) \
+            if versions is not None else None
+        # a disabled app has no hub: nothing to follow, even where its config has writes on
+        self._writing = loop.create_task(self._forever(self.follow_writes, "write hub", 0.5)) \
+            if versions is not None and config.writes_dir else None
         self.app_name = context.app_name
         self._watching: list[asyncio.Task] = []
         self._watch()
@@ -108,21 +111,14 @@ class GatewayDeployment(Gateway):
             for r in self.config.retrievers if self.versions is not None and r.reload.watch_s
         ]
 
-    async def _follow_forever(self) -> None:
+    async def _forever(self, follow: Any, hub: str, pause_s: float) -> None:
+        """Call `follow` (one long call to the hub) again and again; after a failure, again in `pause_s`."""
         while True:
             try:
-                await self.follow_versions()
+                await follow()
             except Exception as exc:  # the hub restarting: follow again shortly
-                logger.debug("gateway: version hub: %s", exc)
-                await asyncio.sleep(1.0)
-
-    async def _follow_writes_forever(self) -> None:
-        while True:
-            try:
-                await self.follow_writes()
-            except Exception as exc:  # the hub restarting: follow again shortly
-                logger.debug("gateway: write hub: %s", exc)
-                await asyncio.sleep(0.5)
+                logger.debug("gateway: %s: %s", hub, exc)
+                await asyncio.sleep(pause_s)
 
     async def _push_forever(self) -> None:
         failing = False
