@@ -45,9 +45,11 @@ FINGERPRINT_TTL_S = 10.0
 # fingerprint while its replicas still report the old one. Until then nothing is cached.
 FINGERPRINT_RETRY_S = 0.25
 DESCRIBE_TIMEOUT_S = 5.0  # how long a health check waits for a replica's description
-# A sharded call stops waiting for slow shards this long before its requests' deadline, so the
-# shards that did answer are merged and reach the requests in time.
+# A sharded call stops waiting for slow shards a share of its remaining time (at least 20 ms) before
+# its requests' deadline, so the shards that did answer are merged and reach the requests in time,
+# even on a busy event loop.
 SHARD_MARGIN_S = 0.02
+SHARD_MARGIN_SHARE = 0.1
 
 
 async def _await_cancelling(response: Any) -> Any:
@@ -401,7 +403,7 @@ class RetrieverLane:
         if len(self.handles) == 1:
             hits, version = await self._call_one(self.handles[0], queries)
             return [_Answer(h, version=version) for h in hits]
-        shard_deadline = deadline - SHARD_MARGIN_S
+        shard_deadline = deadline - max(SHARD_MARGIN_S, SHARD_MARGIN_SHARE * (deadline - now()))
         parts = await asyncio.gather(
             *(self._call_one(h, queries, shard_deadline) for h in self.handles), return_exceptions=True
         )
