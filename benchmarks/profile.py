@@ -1,6 +1,6 @@
 """Where each served process spends its time: py-spy stacks, summarised as short markdown.
 
-    ragfan bench --dataset DIR --concurrency 32 --pyspy 10 --pyspy-output docs/profile-scifact.md
+    ragfan bench --dataset DIR --concurrency 32 --pyspy 10 --pyspy-output docs/data/profile-scifact.md
     python -m benchmarks.profile --pid gateway=4242 --pid dense=4243 --seconds 10
 
 `ragfan bench --pyspy SECONDS` records the busiest process of every role (the driver, the proxy,

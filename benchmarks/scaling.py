@@ -4,7 +4,7 @@ follows the number of replicas.
     python -m benchmarks.scaling index [--sizes 10000,100000,1000000] [--kinds flat,hnsw] [--output FILE.json]
     python -m benchmarks.scaling replicas --dataset DIR [--replicas 1,2,4] [--output FILE.json]
     python -m benchmarks.scaling shards [--vectors 1000000] [--counts 1,2,4,8] [--output FILE.json]
-    python -m benchmarks.scaling plot INDEX.json REPLICAS.json --png docs/scaling.png
+    python -m benchmarks.scaling plot INDEX.json REPLICAS.json --png docs/data/scaling.png
 
 Index scaling uses synthetic 384-d unit vectors (the all-MiniLM-L6-v2 dimension) and the same
 `make_index` the retrievers use, on one thread as a replica with `num_cpus: 1` would: build time,
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     plt_p = sub.add_parser("plot")
     plt_p.add_argument("index_json")
     plt_p.add_argument("replicas_json")
-    plt_p.add_argument("--png", default="docs/scaling.png")
+    plt_p.add_argument("--png", default="docs/data/scaling.png")
     args = parser.parse_args(argv)
     if args.what == "plot":
         plot(json.loads(Path(args.index_json).read_text()), json.loads(Path(args.replicas_json).read_text()), args.png)

@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--kill", default="keyword", help="the retriever whose replicas are killed midway")
     parser.add_argument("--load", type=float, default=0.5, help="fraction of measured capacity to send")
-    parser.add_argument("--output", default="docs/soak.json")
-    parser.add_argument("--plot", default="docs/soak.png")
+    parser.add_argument("--output", default="docs/data/soak.json")
+    parser.add_argument("--plot", default="docs/data/soak.png")
     args = parser.parse_args(argv)
 
     import ray

@@ -1,7 +1,7 @@
 """Bytes on the wire and latency of one answer, compressed and not, and trimmed with `include: []`.
 
     .venv/bin/ragfan serve --port 8021 &                  # the embedded default; wait for "ready"
-    .venv/bin/python -m benchmarks.wire --url http://127.0.0.1:8021 --output docs/wire-demo.json
+    .venv/bin/python -m benchmarks.wire --url http://127.0.0.1:8021 --output docs/data/wire-demo.json
 
 For `top_k` 10 and 100, each variant (an Accept-Encoding, and whether the results carry text and
 metadata) is asked the same demo queries, one request at a time, the variants interleaved so that
@@ -103,7 +103,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8021", help="a running ragfan (the embedded default)")
     parser.add_argument("--requests", type=int, default=50, help="requests per variant and top_k")
-    parser.add_argument("--output", type=Path, default=Path("docs/wire-demo.json"))
+    parser.add_argument("--output", type=Path, default=Path("docs/data/wire-demo.json"))
     args = parser.parse_args()
     rows = measure(args.url, args.requests)
     print(table(rows))

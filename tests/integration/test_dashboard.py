@@ -3,7 +3,7 @@
 The page asks for the key on its first 401, then draws what /v1/stats says about traffic this test sent.
 Chromium is Debian's (`make debs`), driven by Playwright without its own browser download.
 
-RAGFAN_SCREENSHOT=docs/dashboard.png writes the screenshot the docs show (docs/DASHBOARD.md), of the page's
+RAGFAN_SCREENSHOT=docs/data/dashboard.png writes the screenshot the docs show (docs/DASHBOARD.md), of the page's
 last-minute view, after about 40 s more of traffic at four loads so that its lines have a shape. Without it
 the screenshot goes to pytest's tmp_path, so a test run never changes the tree.
 """
