@@ -89,9 +89,14 @@ class LiveRetriever:
     def catch_up(self, upto: int) -> int:
         """Read the log on up to seq `upto` and apply it; returns how many records changed this retriever.
         One caller at a time (the replica's writes loop, or its opening)."""
-        if self._reader is None:
-            return 0
-        return self.apply(self._reader.read(upto))
+        changed = self.apply(self._reader.read(upto) if self._reader is not None else [])
+        # Every record up to `upto` that the log still holds is applied now. One it no longer holds was
+        # merged away before this version was pinned: waiting for it would ask the hub again forever.
+        with self._lock:
+            self.applied = max(self.applied, upto)
+        if self._reader is not None:
+            self._reader.after = max(self._reader.after, upto)
+        return changed
 
     # -- applying the log ---------------------------------------------------------------------
     def apply(self, records: Iterable[Mapping[str, Any]]) -> int:

@@ -133,6 +133,23 @@ def test_records_for_other_deployments_and_old_records_are_skipped():
     assert (live.applied, live.touched) == (2, 2)
 
 
+def test_catching_up_past_records_the_log_no_longer_holds_reaches_what_was_released(tmp_path):
+    # A merge dropped records 1-2 from the log; a replica then opened a version that does not hold them
+    # (a reload). It must still count them as passed, or it would ask the hub for them again forever.
+    def unnumbered(doc_id: str) -> dict:  # the log numbers what it appends
+        return {k: v for k, v in upsert(0, doc_id, "zebras").items() if k != "seq"}
+
+    log = WriteLog(tmp_path)
+    log.append([unnumbered("x"), unnumbered("y")])
+    log.rotate()
+    log.truncate(2)
+    live = LiveRetriever(DenseRetriever.from_documents(name="d", documents=DOCS, embedder=EMBEDDER),
+                         deployment="d", log_dir=tmp_path)
+    assert live.catch_up(2) == 0 and live.applied == 2
+    log.append([unnumbered("z")])  # seq 3
+    assert live.catch_up(3) == 1 and live.applied == 3 and ids(live, "zebras", top_k=1) == ["z"]
+
+
 def test_a_filter_sees_the_delta_and_skips_tombstones():
     live = dense()
     live.apply([upsert(1, "n", "blood pressure in the heart", topic="cardio"), delete(2, "a")])
