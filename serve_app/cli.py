@@ -1,4 +1,14 @@
-"""The `ragfan` command: `ragfan serve` runs the service, `ragfan query` asks it."""
+"""The `ragfan` command.
+
+- `ragfan serve`: run the service (the embedded default config unless --config).
+- `ragfan query`: search a running service.
+- `ragfan apply`: apply a changed config to the running app.
+- `ragfan reload`: serve the version of a retriever's index that its artifacts link points to now.
+- `ragfan upsert` / `ragfan delete`: write documents to the running service, or remove them.
+- `ragfan ingest`: build checked index artifacts from a collection.
+- `ragfan eval`: retrieval quality (nDCG@10, R@100, MRR@10) through the served fan-out.
+- `ragfan bench`: latency, QPS, CPU and memory against the in-process designs.
+"""
 
 from __future__ import annotations
 
@@ -119,14 +129,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                           help="rebuild everything, embedding every chunk again (default: a changed source "
                                "embeds only its new and changed chunks)")
 
-    eval_p = sub.add_parser("eval", help="nDCG@10 / R@100 / MRR@10 on a BEIR dataset through the served fan-out")
-    eval_p.add_argument("dataset", help="BEIR dataset directory: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
-    eval_p.add_argument("--split", default="test")
+    eval_p = sub.add_parser("eval", help="nDCG@10 / R@100 / MRR@10 through the served fan-out: each retriever "
+                            "alone and all fused")
+    eval_p.add_argument("dataset", help="a BEIR dataset directory (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv), "
+                        "or a JSONL file of judged queries, {\"_id\", \"text\", \"relevant\": [doc id, ...]} a "
+                        "line (serve_app/demo/data/demo_queries.jsonl)")
+    eval_p.add_argument("--config", help="serve this ragfan YAML config's retrievers (default: for a BEIR directory, "
+                        "a dense and a keyword retriever over its corpus; for a queries file, the embedded default)")
+    eval_p.add_argument("--degrade", action="store_true",
+                        help="also the fused metrics without each retriever, as if it had timed out (its hits "
+                             "left out of the fusion), and each retriever's p50 latency")
+    eval_p.add_argument("--split", default="test", help="the BEIR qrels split (default test)")
     eval_p.add_argument("--ignore-identical-ids", action="store_true", help="drop a hit whose id is the query's id")
     eval_p.add_argument("--fusion", choices=["rrf", "minmax", "dbsf"], help="fusion method (default: the config's)")
     eval_p.add_argument("--output", help="write the results as JSON here")
     eval_p.add_argument("--address", help="Ray cluster to run on (default: start a local one)")
-    eval_p.add_argument("--concurrency", type=int, default=16, help="queries in flight (default 16)")
+    eval_p.add_argument("--concurrency", type=int, default=16,
+                        help="queries in flight, in whole batch requests of 64 and at least one (default 16: one "
+                             "batch of 64 at a time)")
 
     bench_p = sub.add_parser("bench", help="latency / QPS / CPU / memory against the in-process designs")
     source = bench_p.add_mutually_exclusive_group(required=True)
@@ -337,6 +357,8 @@ def eval_command(args: argparse.Namespace) -> int:
     report = evaluate(
         args.dataset,
         split=args.split,
+        config=args.config,
+        degrade=args.degrade,
         ignore_identical_ids=args.ignore_identical_ids,
         fusion=args.fusion,
         address=args.address,

@@ -65,7 +65,7 @@ async def test_eval_asks_in_batches_and_ranks_as_single_searches_would(docs):
     from actors.synthetic import SyntheticRetriever
     from serve_app.client import RagClient
     from serve_app.config import parse_config
-    from serve_app.evaluate import BATCH, _run_queries
+    from serve_app.evaluate import BATCH, _run_queries, without_each
     from serve_app.gateway import Gateway
     from serve_app.testing import FakeHandle
 
@@ -76,10 +76,18 @@ async def test_eval_asks_in_batches_and_ranks_as_single_searches_would(docs):
     words = ["aspirin", "cancer", "metformin", "diabetes", "p53", "vitamin", "risk", "glucose"]
     queries = {f"q{i}": f"{words[i % 8]} {words[i * 3 % 8]} {i}" for i in range(BATCH + 6)}
     systems = {"dense": ["dense"], "keyword": ["keyword"], "fused": ["dense", "keyword"]}
-    runs, failed, requests = await _run_queries(RagClient.from_handle(handle), queries, systems, fusion=None,
-                                                ignore_identical_ids=False, concurrency=BATCH)
-    assert requests == 2 * 3 and [name for name, _ in handle.calls] == ["search_batch"] * 6
-    assert failed == {"dense": {}, "keyword": {}, "fused": {}} and all(runs["fused"].values())
+    got = await _run_queries(RagClient.from_handle(handle), queries, systems, fusion=None,
+                             ignore_identical_ids=False, concurrency=BATCH)
+    runs = got.runs
+    assert got.requests == 2 * 3 and [name for name, _ in handle.calls] == ["search_batch"] * 6
+    assert got.failed == {"dense": {}, "keyword": {}, "fused": {}} and all(runs["fused"].values())
+    # What --degrade fuses again: each retriever's own hits from its run alone. Fused from both, they
+    # rank every query as the gateway's fused answer does.
+    _, differ = without_each(got, ["dense", "keyword"], queries, {q: {"d1": 1} for q in queries},
+                             method=config.fusion.method, weights={"dense": 1.0, "keyword": 1.0}, k=config.fusion.k)
+    assert set(got.hits) == {"dense", "keyword"} and differ == 0
+    # a latency per search each retriever ran: alone and fused (a synthetic retriever's answers are not cached)
+    assert {n: len(ms) for n, ms in got.latency_ms.items()} == {"dense": 2 * len(queries), "keyword": 2 * len(queries)}
     client = RagClient.from_handle(FakeHandle(handle.target))
     for system, retrievers in systems.items():
         for qid, text in queries.items():
@@ -132,7 +140,7 @@ def test_eval_on_a_cluster_it_joined_deletes_only_its_own_app(beir, monkeypatch,
     async def run(*args, **kwargs):
         if fails:
             raise RuntimeError("the gateway died")
-        return {s: {"1": {}} for s in args[2]}, {s: {} for s in args[2]}, 3
+        return ev.Collected({s: {"1": {}} for s in args[2]}, {s: {} for s in args[2]}, 3)
 
     monkeypatch.setattr(ev, "_run_queries", run)
     if fails:
@@ -167,6 +175,8 @@ def test_eval_on_a_cluster_without_the_cpus_it_needs_says_so_at_once(beir, monke
     from serve_app import evaluate as ev
 
     ray = FakeRay(monkeypatch, free_cpus=0.5)
-    with pytest.raises(RagError, match=r"0.5 CPUs free.*needs 1.35"):
+    # the gateway 0.25, the shared encoder 0.5, dense and keyword 0.5 each, the hubs 0.1
+    with pytest.raises(RagError, match=r"0.5 CPUs free.*needs 1.85 \(its gateway, 1 encoder and the replicas of "
+                                       r"dense, keyword\)"):
         ev.evaluate(beir, address="auto")
     assert ray.calls == ["ray.init auto", "ray.shutdown"]  # nothing started, nothing deleted
