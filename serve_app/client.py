@@ -56,13 +56,13 @@ from actors.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
+from actors.types import FilterValue
 from serve_app import __version__
 from serve_app.schemas import (
     BatchSearchError,
     BatchSearchRequest,
     BatchSearchResponse,
     DeleteRequest,
-    FilterValue,
     FusionOptions,
     Include,
     ReloadRequest,

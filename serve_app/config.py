@@ -46,6 +46,7 @@ from actors.spec import (
     SyntheticOptions,
     kinds_with,
 )
+from serve_app.types import FusionMethod
 
 DEFAULT_CONFIG = Path(__file__).parent / "demo" / "config.yaml"
 
@@ -293,7 +294,7 @@ RetrieverConfig = Annotated[
 
 
 class FusionConfig(_Strict):
-    method: Literal["rrf", "minmax", "dbsf"] = Field("minmax", description="see serve_app/fusion.py, docs/QUALITY.md")
+    method: FusionMethod = Field("minmax", description="see serve_app/fusion.py, docs/QUALITY.md")
     k: int = Field(60, ge=1, description="RRF constant: score = sum(weight / (k + rank))")
 
 

@@ -11,9 +11,10 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-Status = Literal["ok", "timeout", "error", "skipped"]
+from serve_app.types import Status
+
 MAX_ERROR_CHARS = 300
 
 

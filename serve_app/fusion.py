@@ -18,14 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
 from actors.types import Hit
-
-Method = Literal["rrf", "minmax", "dbsf"]
-METHODS: tuple[Method, ...] = ("rrf", "minmax", "dbsf")
+from serve_app.types import FUSION_METHODS, FusionMethod
 
 
 @dataclass(slots=True)
@@ -56,7 +53,7 @@ _NORMALISE: dict[str, Callable[[np.ndarray], np.ndarray]] = {"minmax": _minmax, 
 def fuse(
     ranked: Mapping[str, Sequence[Hit]],
     *,
-    method: Method = "rrf",
+    method: FusionMethod = "rrf",
     weights: Mapping[str, float] | None = None,
     k: int = 60,
     top_k: int = 10,
@@ -66,8 +63,8 @@ def fuse(
     A document keeps the text and metadata of the retriever with the largest contribution. Ties
     are broken by the best single rank, then by doc id, so the order is deterministic.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown fusion method {method!r}; valid: {', '.join(METHODS)}")
+    if method not in FUSION_METHODS:
+        raise ValueError(f"unknown fusion method {method!r}; valid: {', '.join(FUSION_METHODS)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     weight = {name: 1.0 if weights is None else float(weights.get(name, 1.0)) for name in ranked}

@@ -33,8 +33,9 @@ from actors.types import Filters, Hit, Query, Searched, Unavailable
 from serve_app.batcher import Batcher, now
 from serve_app.breaker import CircuitBreaker
 from serve_app.cache import Cache, cache_key
-from serve_app.fanout import MAX_ERROR_CHARS, Call, Outcome, Status, describe_error, fan_out
+from serve_app.fanout import MAX_ERROR_CHARS, Call, Outcome, describe_error, fan_out
 from serve_app.schemas import CacheState
+from serve_app.types import Status
 
 logger = logging.getLogger("ray.serve")
 CIRCUIT_OPEN = "circuit open"

@@ -8,8 +8,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-FilterValue = str | int | float | bool
-Status = Literal["ok", "timeout", "error", "skipped"]
+from actors.types import FilterValue
+from serve_app.types import FusionMethod, Status
+
 Include = Literal["text", "metadata"]
 CacheState = Literal["hit", "miss", "bypass", "off"]
 
@@ -47,7 +48,7 @@ def clean_query(text: str) -> str:
 class FusionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    method: Literal["rrf", "minmax", "dbsf"] | None = Field(None, description="null: the configured method")
+    method: FusionMethod | None = Field(None, description="null: the configured method")
     k: RRFConstant | None = Field(None, description="RRF constant; null: the configured k")
     weights: dict[str, Annotated[float, Field(ge=0, le=1e6)]] | None = Field(
         None, description="per-retriever weights (0 to 1e6), overriding the config"
