@@ -22,24 +22,15 @@ downstream is busy wait together and go out as one call; a lone request goes at 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from serve_app.clock import now
+
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def now() -> float:
-    """The event loop's clock, read fresh: deadlines are set on it.
-
-    Ray Serve replicas run uvloop, whose `loop.time()` is the same monotonic clock cut to whole
-    milliseconds and read once per loop iteration, so a deadline counted from it can fire a
-    millisecond or more before its time has really passed. `time.monotonic()` is that clock unrounded.
-    """
-    return time.monotonic()
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 State = Literal["closed", "open", "half_open"]
+CIRCUIT_OPEN = "circuit open"  # the `error` of a retriever skipped while its breaker is open
 
 
 class CircuitBreaker:

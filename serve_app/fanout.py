@@ -1,8 +1,11 @@
-"""Fan-out: start every selected retriever's call at once and give each its own deadline.
+"""Ask several replicas at once, each call with its own deadline: the lanes' health checks.
 
-`fan_out` never raises for a retriever's sake: each call ends as one `Outcome` whose status is
-`ok`, `timeout` or `error`. A call still running at its deadline is cancelled, so a slow
-retriever costs its own share of the answer and nothing more.
+A lane's `describe` asks its replica, or every shard's at once, what it holds (health, the index
+version and fingerprint the result cache keys by), and an encoder lane its encoder (serve_app/lanes.py).
+`fan_out` never raises for a call's sake: each call ends as one `Outcome` (serve_app/outcome.py) whose
+status is `ok`, `timeout` or `error`. A call still running at its deadline is cancelled, so a replica
+that hangs costs its own answer and nothing more. Searches do not come through here: each lane
+batches its own calls, with each request's deadline (serve_app/batcher.py).
 """
 
 from __future__ import annotations
@@ -13,21 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.types import Status
-
-MAX_ERROR_CHARS = 300
-
-
-@dataclass(slots=True)
-class Outcome:
-    name: str
-    status: Status
-    latency_ms: float | None = None
-    value: Any = None  # what the call returned: a hit list for a search
-    error: str | None = None
-    coverage: float | None = None  # a sharded retriever: the fraction of its shards that answered
-    cache: str | None = None  # the result cache: hit, miss, bypass or off (serve_app/cache.py); None: not asked
-    version: str | None = None  # the index version that answered (actors/versions.py); None: not known
+from serve_app.outcome import Outcome, describe_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,16 +25,6 @@ class Call:
 
     start: Callable[[], Awaitable[Any]]
     timeout_s: float
-
-
-def describe_error(exc: BaseException) -> str:
-    """A one-line reason: Ray wraps replica errors, so show the cause, not the traceback."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException):
-        exc = cause
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return text[:MAX_ERROR_CHARS]
 
 
 def _cancel(pending: Any) -> None:

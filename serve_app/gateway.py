@@ -26,13 +26,13 @@ from actors.errors import (
     ServiceUnavailable,
 )
 from actors.versions import SYNC_WAIT_S
-from serve_app.batcher import now
-from serve_app.breaker import CircuitBreaker
+from serve_app.breaker import CIRCUIT_OPEN, CircuitBreaker
 from serve_app.cache import make_cache
+from serve_app.clock import now
 from serve_app.config import AppConfig, RetrieverConfig
-from serve_app.fanout import Outcome, describe_error
 from serve_app.fusion import fuse
-from serve_app.lanes import CIRCUIT_OPEN, Ask, EncoderLane, RetrieverLane, slots
+from serve_app.lanes import Ask, EncoderLane, RetrieverLane, slots
+from serve_app.outcome import Outcome, describe_error
 from serve_app.reload import LiveReplicas, Reloader, gateway_member
 from serve_app.schemas import (
     BatchItem,

@@ -30,15 +30,16 @@ import numpy as np
 from actors.errors import RetrieverFailed
 from actors.shards import merge as merge_shards
 from actors.types import Filters, Hit, Query, Searched, Unavailable
-from serve_app.batcher import Batcher, now
-from serve_app.breaker import CircuitBreaker
+from serve_app.batcher import Batcher
+from serve_app.breaker import CIRCUIT_OPEN, CircuitBreaker
 from serve_app.cache import Cache, cache_key
-from serve_app.fanout import MAX_ERROR_CHARS, Call, Outcome, describe_error, fan_out
+from serve_app.clock import now
+from serve_app.fanout import Call, fan_out
+from serve_app.outcome import MAX_ERROR_CHARS, Outcome, describe_error
 from serve_app.schemas import CacheState
 from serve_app.types import Status
 
 logger = logging.getLogger("ray.serve")
-CIRCUIT_OPEN = "circuit open"
 # How long a lane trusts the index fingerprint its replicas reported before asking again. A
 # redeployed retriever's new index is cached under its own fingerprint within this time.
 FINGERPRINT_TTL_S = 10.0

@@ -32,8 +32,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from actors.errors import Conflict, NotFound, RagError, ServiceUnavailable
-from serve_app.fanout import describe_error
 from serve_app.lanes import RetrieverLane
+from serve_app.outcome import describe_error
 from serve_app.schemas import ReloadResponse, ReplicaVersion
 
 logger = logging.getLogger("ray.serve")

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from actors.metrics import NO_INSTRUMENTS, Instrument
-from serve_app.fanout import Outcome
-from serve_app.lanes import CIRCUIT_OPEN
+from serve_app.breaker import CIRCUIT_OPEN
+from serve_app.outcome import Outcome
 
 if TYPE_CHECKING:
     from serve_app.config import AppConfig

@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from serve_app.lanes import CIRCUIT_OPEN
+from serve_app.breaker import CIRCUIT_OPEN
 from tests.integration.conftest import ROOT, WATCH_KEY, free_port
 
 PROMETHEUS = shutil.which("prometheus")

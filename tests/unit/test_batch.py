@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 
 from actors.errors import PayloadTooLarge
 from actors.synthetic import SyntheticRetriever
-from serve_app.batcher import Batcher, now
+from serve_app.batcher import Batcher
+from serve_app.clock import now
 from serve_app.config import parse_config
 from serve_app.gateway import Gateway
 from serve_app.http import build_api

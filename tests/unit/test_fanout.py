@@ -1,6 +1,7 @@
 import asyncio
 
-from serve_app.fanout import Call, call_with_deadline, describe_error, fan_out
+from serve_app.fanout import Call, call_with_deadline, fan_out
+from serve_app.outcome import describe_error
 
 
 async def sleeper(seconds: float, value):

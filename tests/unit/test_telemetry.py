@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from actors.metrics import METRICS
 from actors.synthetic import SyntheticRetriever
 from serve_app.config import parse_config
-from serve_app.fanout import Outcome
 from serve_app.gateway import Gateway
 from serve_app.http import build_api, digest
+from serve_app.outcome import Outcome
 from serve_app.telemetry import (
     BUCKET_S,
     LATENCY_RATIO,
