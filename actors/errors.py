@@ -178,5 +178,5 @@ def _rebuild(cls: type[RagError], message: str, kwargs: dict[str, Any]) -> RagEr
 
 __all__ = sorted([
     "Cancelled", "ConfigError", "Conflict", "DataError", "InvalidRequest", "MalformedRequest", "NoRetrieverAvailable",
-    "Overloaded", "PayloadTooLarge", "RagError", "RetrieverFailed", "ServiceUnavailable", "Unauthorized",
+    "NotFound", "Overloaded", "PayloadTooLarge", "RagError", "RetrieverFailed", "ServiceUnavailable", "Unauthorized",
 ])
