@@ -1,13 +1,13 @@
 """RagClient: search a running ragfan app from Python, over HTTP or through its Serve DeploymentHandle.
 
-    from serve_app.client import RagClient
+    from serve_app import RagClient
 
     # Over HTTP, from anywhere that reaches the service (one pooled connection, closed on exit):
     with RagClient(url="http://ragfan.internal:8000", api_key="...", timeout_s=60) as client:
         r = client.search("vitamin d and multiple sclerosis", top_k=5)
         r.results[0].id, r.retrievers["graph"].status, r.degraded
 
-    # Inside the Ray cluster: joins it (address "auto") and calls the app's handle.
+    # Inside the Ray cluster: on its first search, joins it (address "auto") and gets the app's handle.
     client = RagClient()
     r = await client.search_async("...")      # the same, from async code (`async with` closes it)
 
@@ -20,7 +20,7 @@ each retriever for all of them. It answers a list in the same order, each item t
         print(r.results[0].id if isinstance(r, SearchResponse) else f"failed: {r}")
 
 Both ways answer with the same typed `SearchResponse` and raise the same errors (defined in
-actors/errors.py, importable from this module):
+actors/errors.py, importable from `serve_app`):
 InvalidRequest (HTTP 422, before anything is sent when the client can tell), MalformedRequest (400),
 Unauthorized (401), PayloadTooLarge (413), NoRetrieverAvailable (503 with each retriever's reason)
 and Overloaded (Serve's own 503); both carry `retry_after_s`.
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -86,6 +87,7 @@ M = TypeVar("M", bound=BaseModel)
 # picks zstd, then br, then gzip). httpx decodes gzip itself, and zstd and br with `zstandard` and
 # `brotli`, which ragfan depends on.
 ACCEPT_ENCODING = "zstd, br, gzip"
+_CONNECTING = threading.Lock()  # two threads' first searches on one handle client join the cluster once
 
 
 class Transport(Protocol):
@@ -114,18 +116,18 @@ class RagClient:
     ) -> None:
         """`url`: search over HTTP (with `api_key` if the service has keys, and `timeout_s` per try);
         `transport` replaces httpx's network transport, e.g. `httpx.MockTransport` in tests.
-        Without `url`: join the Ray cluster at `address` and search through app `app_name`'s handle."""
+        Without `url`: search through app `app_name`'s handle, joining the Ray cluster at `address`.
+
+        Nothing connects here: the first call opens the connection pool, or joins the cluster and
+        gets the handle, so a client can be made where nothing may block (at import, in `__init__`)."""
+        self._app_name, self._address = app_name, address
         if url is not None:
-            self._transport: Transport = HTTPTransport(url, api_key=api_key, timeout_s=timeout_s, transport=transport)
+            self._transport: Transport | None = HTTPTransport(url, api_key=api_key, timeout_s=timeout_s,
+                                                              transport=transport)
             return
         if api_key is not None or transport is not None:
             raise ValueError("api_key and transport are for HTTP: pass url= too (or neither, to use a handle)")
-        import ray
-        from ray import serve
-
-        if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        self._transport = HandleTransport(serve.get_app_handle(app_name))
+        self._transport = None  # `_connected` joins the cluster on the first call
 
     @classmethod
     def from_handle(cls, handle: Any) -> RagClient:
@@ -133,6 +135,14 @@ class RagClient:
         client = cls.__new__(cls)
         client._transport = HandleTransport(handle)
         return client
+
+    def _connected(self) -> Transport:
+        """How this client reaches the app; without `url`, the first call joins the cluster and gets the handle."""
+        if self._transport is None:
+            with _CONNECTING:
+                if self._transport is None:
+                    self._transport = HandleTransport(app_handle(self._app_name, self._address))
+        return self._transport
 
     def search(
         self,
@@ -236,24 +246,28 @@ class RagClient:
                                                        wait=wait), WriteResponse)
 
     def _call(self, method: str, body: BaseModel, model: type[M]) -> M:
-        outcome = self._transport.send(method, body)
-        if self._transport.retryable(outcome):  # lost on the way: once more (a search is read-only)
-            outcome = self._transport.send(method, body)
-        return self._transport.answer(outcome, model)
+        transport = self._connected()
+        outcome = transport.send(method, body)
+        if transport.retryable(outcome):  # lost on the way: once more (a search is read-only)
+            outcome = transport.send(method, body)
+        return transport.answer(outcome, model)
 
     async def _call_async(self, method: str, body: BaseModel, model: type[M]) -> M:
-        outcome = await self._transport.send_async(method, body)
-        if self._transport.retryable(outcome):
-            outcome = await self._transport.send_async(method, body)
-        return self._transport.answer(outcome, model)
+        transport = self._connected()
+        outcome = await transport.send_async(method, body)
+        if transport.retryable(outcome):
+            outcome = await transport.send_async(method, body)
+        return transport.answer(outcome, model)
 
     def close(self) -> None:
         """Close the HTTP connection pool (a handle client holds none)."""
-        self._transport.close()
+        if self._transport is not None:
+            self._transport.close()
 
     async def aclose(self) -> None:
         """Close both HTTP connection pools, the async one too."""
-        await self._transport.aclose()
+        if self._transport is not None:
+            await self._transport.aclose()
 
     def __enter__(self) -> RagClient:
         return self
@@ -343,6 +357,16 @@ def _results(requests: list[SearchRequest | RagError], batch: BatchSearchRespons
 
 
 # -- through a DeploymentHandle ------------------------------------------------------------------
+def app_handle(app_name: str, address: str) -> Any:
+    """App `app_name`'s handle, joining the Ray cluster at `address` unless this process already has."""
+    import ray  # ray only where a handle is used
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+    return serve.get_app_handle(app_name)
+
+
 class HandleTransport:
     def __init__(self, handle: Any) -> None:
         from ray.exceptions import ActorUnavailableError, RayActorError  # ray only where a handle is used

@@ -214,6 +214,23 @@ def test_a_handle_client_takes_no_api_key():
         RagClient(api_key="k")
 
 
+async def test_a_handle_client_connects_on_its_first_call_not_before(monkeypatch):
+    joined = []
+    gateways = Gateways()
+
+    def app_handle(app_name, address):
+        joined.append((app_name, address))
+        return FakeHandle(gateways)
+
+    monkeypatch.setattr(serve_app.client, "app_handle", app_handle)
+    client = RagClient("docs", address="ray://head:10001")
+    await client.aclose()  # nothing to close yet, and closing connects nothing
+    assert joined == [] and gateways.calls == 0
+    assert (await client.search_async("vitamin d")).query == "vitamin d"
+    assert (await client.search_async("aspirin")).query == "aspirin"
+    assert joined == [("docs", "ray://head:10001")] and gateways.calls == 2  # joined once, on the first call
+
+
 # -- against the real HTTP app, on fake handles ----------------------------------------------------
 @pytest.fixture
 def app(docs):
