@@ -118,6 +118,7 @@ class RagfanRetriever:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RagfanRetriever":
+        data = {**data, "init_parameters": dict(data.get("init_parameters", {}))}  # the caller's dict stays as it was
         deserialize_secrets_inplace(data["init_parameters"], keys=["api_key"])
         return default_from_dict(cls, data)
 
