@@ -89,8 +89,10 @@ def client(url: str | None, api_key: str | None, timeout_s: float | None, given:
     url = url or os.environ.get(URL_ENV)
     if not url:
         raise ValueError(f"say where ragfan is: url='http://host:8000' (or set ${URL_ENV}), or client=RagClient(...)")
-    extra = {"timeout_s": timeout_s} if timeout_s is not None else {}
-    return RagClient(url=url, api_key=api_key or os.environ.get(API_KEY_ENV), **extra)
+    api_key = api_key or os.environ.get(API_KEY_ENV)
+    if timeout_s is None:  # RagClient's own default
+        return RagClient(url=url, api_key=api_key)
+    return RagClient(url=url, api_key=api_key, timeout_s=timeout_s)
 
 
 def check_overrides(overrides: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
