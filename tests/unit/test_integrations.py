@@ -152,6 +152,15 @@ def test_a_langchain_call_overrides_the_options_with_its_kwargs(mode):
                              {"query": "x", "top_k": 3, "filters": {"domain": "neuro"}}]
 
 
+def test_a_langchain_chain_binds_the_overrides_and_a_batch_passes_them():
+    server = Server(answer())
+    retriever = lc.RagfanRetriever(client=server.client())
+    retriever.bind(k=3, retrievers=["dense"]).invoke("a")
+    retriever.batch(["b", "c"], k=2)
+    assert sorted(server.sent(), key=lambda s: s["query"]) == [
+        {"query": "a", "top_k": 3, "retrievers": ["dense"]}, {"query": "b", "top_k": 2}, {"query": "c", "top_k": 2}]
+
+
 def test_a_haystack_run_overrides_the_options_with_its_parameters(mode):
     server = Server(answer())
     retriever = hs.RagfanRetriever(client=server.client(), top_k=5, filters={"domain": "neuro"})
