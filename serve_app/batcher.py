@@ -3,17 +3,19 @@
 The gateway keeps one Batcher per retriever and one per encoder. Requests that arrive while the
 downstream is busy wait together and go out as one call; a lone request goes at once:
 
-    submit(q1)  ─ nothing in flight ─────────────►  send([q1])
-    submit(q2)  ┐
-    submit(q3)  ├ a batch in flight: queue ──────►  send([q2, q3, q4])   when a slot frees,
-    submit(q4)  ┘                                                        or the window closes
+    submit_many([q1])  ─ nothing in flight ──────►  send([q1])
+    submit_many([q2])  ┐
+    submit_many([q3])  ├ a batch in flight: queue ►  send([q2, q3, q4])   when a slot frees,
+    submit_many([q4])  ┘                                                  or the window closes
 
 - At most `max_concurrent` calls are in flight; a free slot with another call already in flight
   waits up to `wait_s` for the batch to fill (never longer, and never when nothing is in flight).
 - A call carries at most `max_batch_size` items and runs until the latest deadline among them;
-  `send(items, deadline)` gets that deadline (event-loop time) to pace calls of its own.
-- `submit_many(items, deadlines=...)` queues a group that goes out as one call, whole, even past
-  `max_batch_size` (a batch query asks each retriever once); smaller groups still share a call.
+  `send(items, deadline)` gets that deadline (on `now()`'s clock, serve_app/clock.py) to pace calls
+  of its own.
+- `submit_many(items, deadlines=...)` queues a group (one search's query, or a batch query's) that
+  goes out as one call, whole, even past `max_batch_size` (a batch query asks each retriever once);
+  smaller groups still share a call.
 - A request whose caller gives up (its own deadline, or cancellation) leaves the queue; when every
   request of a call in flight has given up, the call is cancelled, which cancels it downstream.
 - `sizes` counts the batch sizes sent, for `ragfan bench`; `on_batch` is told each one, for metrics.
@@ -27,8 +29,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from serve_app.clock import now
-
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -36,7 +36,7 @@ R = TypeVar("R")
 @dataclass(slots=True)
 class _Waiter(Generic[T]):
     item: T
-    deadline: float  # loop.time() by which the caller stops waiting
+    deadline: float  # when the caller stops waiting, on `now()`'s clock: the one `loop.time()` rounds
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -65,11 +65,6 @@ class Batcher(Generic[T, R]):
     @property
     def in_flight(self) -> int:
         return len(self._running)
-
-    async def submit(self, item: T, *, timeout_s: float) -> R:
-        """The answer for `item`; TimeoutError after `timeout_s`, or the call's own error."""
-        [waiter] = self._enqueue([item], [now() + timeout_s])
-        return await self._wait(waiter)
 
     async def submit_many(self, items: Sequence[T], *, deadlines: Sequence[float]) -> list[R | BaseException]:
         """Each item's answer, or its exception (TimeoutError past its deadline, on `now()`'s clock),

@@ -99,8 +99,3 @@ def fuse(
     order = sorted(fused.values(), key=lambda h: (-h.score, min(s[1] for s in h.sources), h.doc_id))
     return order[:top_k]
 
-
-def reciprocal_rank_fusion(
-    ranked: Mapping[str, Sequence[Hit]], *, weights: Mapping[str, float] | None = None, k: int = 60, top_k: int = 10
-) -> list[FusedHit]:
-    return fuse(ranked, method="rrf", weights=weights, k=k, top_k=top_k)

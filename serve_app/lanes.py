@@ -89,9 +89,6 @@ class EncoderLane:
         """What the encoder replica reports (model, dim, device), or why it does not answer."""
         return (await fan_out({self.model: Call(self.handle.describe.remote, DESCRIBE_TIMEOUT_S)}))[self.model]
 
-    async def encode(self, text: str, *, timeout_s: float) -> np.ndarray:
-        return (await self.encode_many([text], timeout_s=timeout_s))[text]
-
     async def encode_many(self, texts: Sequence[str], *, timeout_s: float) -> dict[str, np.ndarray]:
         """Each text's vector, from one call for all of them; TimeoutError, or RetrieverFailed."""
         deadline = now() + timeout_s
@@ -179,13 +176,6 @@ class RetrieverLane:
         self._filling: dict[str, asyncio.Future] = {}  # keys being fetched: identical misses share one
 
     # -- requests ---------------------------------------------------------------------------------
-    async def search(
-        self, text: str, *, top_k: int, filters: Filters | None, timeout_ms: int | None,
-        vector: Awaitable[np.ndarray] | None = None,
-    ) -> Outcome:
-        """This retriever's answer to one request; see `search_many`."""
-        return (await self.search_many([Ask(text, top_k, filters, timeout_ms)], vector))[0]
-
     async def search_many(self, asks: Sequence[Ask], vectors: Awaitable[Any] | None = None,
                           looked_up: Lookup | None = None) -> list[Outcome]:
         """This retriever's answer to each of `asks`, as Outcomes, from one call that carries them all;
@@ -193,7 +183,7 @@ class RetrieverLane:
 
         The call takes one slot of the in-flight bound and records one breaker outcome. `vectors` is
         the shared encoding, a task every lane of the model awaits: each text's vector by text
-        (`EncoderLane.encode_many`), or from `search`, the one query's vector.
+        (`EncoderLane.encode_many`).
         """
         if self.in_flight >= self.max_in_flight:
             return [Outcome(self.name, "skipped", error=f"{self.max_in_flight} calls already in flight")] * len(asks)
@@ -279,7 +269,7 @@ class RetrieverLane:
                 return [Outcome(self.name, "error", elapsed(), error=describe_error(exc))] * len(asks)
             queries = [
                 Query(text=a.text, top_k=max(self.top_k, a.top_k), filters=self._own(a.filters),
-                      vector=encoded.get(a.text) if isinstance(encoded, Mapping) else encoded)
+                      vector=encoded.get(a.text) if encoded is not None else None)
                 for a in asks
             ]
             answers = await self.batcher.submit_many(queries, deadlines=[started + s for s in limits])

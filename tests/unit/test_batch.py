@@ -178,12 +178,12 @@ async def test_a_group_goes_whole_and_single_requests_still_share_calls_up_to_th
         return [x.upper() for x in items]
 
     batcher: Batcher[str, str] = Batcher(send, max_batch_size=3, max_concurrent=1)
-    first = asyncio.ensure_future(batcher.submit("a", timeout_s=5))
-    await asyncio.sleep(0)
     deadline = now() + 5
+    first = asyncio.ensure_future(batcher.submit_many(["a"], deadlines=[deadline]))
+    await asyncio.sleep(0)
     group = asyncio.ensure_future(batcher.submit_many(list("bcdef"), deadlines=[deadline] * 5))
-    singles = [asyncio.ensure_future(batcher.submit(x, timeout_s=5)) for x in "gh"]
+    singles = [asyncio.ensure_future(batcher.submit_many([x], deadlines=[deadline])) for x in "gh"]
     await asyncio.sleep(0)
     gate.set()
-    assert await group == list("BCDEF") and await first == "A" and [await s for s in singles] == ["G", "H"]
+    assert await group == list("BCDEF") and await first == ["A"] and [await s for s in singles] == [["G"], ["H"]]
     assert sent == [["a"], list("bcdef"), ["g", "h"]]

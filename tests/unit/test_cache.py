@@ -249,7 +249,7 @@ async def test_an_identical_request_parked_on_a_fill_that_ends_without_an_answer
 
     replica = Replica(SyntheticRetriever(name="d", documents=docs))
     lane = RetrieverLane("d", [FakeHandle(replica)], top_k=3, timeout_ms=60_000, cache=MemoryCache())
-    vector = np.zeros(4, dtype=np.float32)
+    vector = {"aspirin": np.zeros(4, dtype=np.float32)}  # each text's vector, as EncoderLane.encode_many answers
     first_vectors = asyncio.get_running_loop().create_future()
     if how == "cancelled at the retriever":
         first_vectors.set_result(vector)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from actors.types import Hit
-from serve_app.fusion import fuse, reciprocal_rank_fusion
+from serve_app.fusion import fuse
 
 
 def hits(*ids: str) -> list[Hit]:
@@ -10,7 +10,7 @@ def hits(*ids: str) -> list[Hit]:
 
 
 def test_rrf_scores_are_weighted_reciprocal_ranks():
-    fused = reciprocal_rank_fusion({"a": hits("x", "y"), "b": hits("y")}, weights={"a": 1.0, "b": 2.0}, k=60)
+    fused = fuse({"a": hits("x", "y"), "b": hits("y")}, weights={"a": 1.0, "b": 2.0}, k=60)
     by_id = {h.doc_id: h for h in fused}
     assert by_id["x"].score == pytest.approx(1 / 61)
     assert by_id["y"].score == pytest.approx(1 / 62 + 2 / 61)
@@ -18,7 +18,7 @@ def test_rrf_scores_are_weighted_reciprocal_ranks():
 
 
 def test_documents_are_deduplicated_and_list_every_source():
-    fused = reciprocal_rank_fusion({"a": hits("x", "y"), "b": hits("z", "x")}, k=60, top_k=10)
+    fused = fuse({"a": hits("x", "y"), "b": hits("z", "x")}, k=60, top_k=10)
     assert sorted(h.doc_id for h in fused) == ["x", "y", "z"]
     x = next(h for h in fused if h.doc_id == "x")
     assert x.sources == [("a", 1, 10.0), ("b", 2, 9.0)]
@@ -26,12 +26,12 @@ def test_documents_are_deduplicated_and_list_every_source():
 
 
 def test_a_retriever_counts_once_per_document_at_its_best_rank():
-    fused = reciprocal_rank_fusion({"a": hits("x", "y", "x")}, k=60)
+    fused = fuse({"a": hits("x", "y", "x")}, k=60)
     assert [(h.doc_id, h.score) for h in fused] == [("x", pytest.approx(1 / 61)), ("y", pytest.approx(1 / 62))]
 
 
 def test_top_k_and_deterministic_ties():
-    fused = reciprocal_rank_fusion({"a": hits("p", "q"), "b": hits("q", "p")}, k=60, top_k=1)
+    fused = fuse({"a": hits("p", "q"), "b": hits("q", "p")}, k=60, top_k=1)
     assert len(fused) == 1
     assert fused[0].doc_id == "p"  # equal scores and best ranks: doc id breaks the tie
 
@@ -39,16 +39,16 @@ def test_top_k_and_deterministic_ties():
 def test_zero_weight_contributes_nothing_and_text_comes_from_the_largest_share():
     a = [Hit("x", 1.0, "from a")]
     b = [Hit("x", 1.0, "from b")]
-    fused = reciprocal_rank_fusion({"a": a, "b": b}, weights={"a": 0.0, "b": 1.0}, k=60)
+    fused = fuse({"a": a, "b": b}, weights={"a": 0.0, "b": 1.0}, k=60)
     assert fused[0].score == pytest.approx(1 / 61)
     assert fused[0].text == "from b"
 
 
 def test_empty_input_and_bad_k():
-    assert reciprocal_rank_fusion({}, k=60) == []
-    assert reciprocal_rank_fusion({"a": []}, k=60) == []
+    assert fuse({}, k=60) == []
+    assert fuse({"a": []}, k=60) == []
     with pytest.raises(ValueError, match="k must be"):
-        reciprocal_rank_fusion({"a": hits("x")}, k=0)
+        fuse({"a": hits("x")}, k=0)
 
 
 def scored(*pairs: tuple[str, float]) -> list[Hit]:

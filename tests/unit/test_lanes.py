@@ -10,7 +10,9 @@ from actors.errors import RetrieverFailed
 from actors.synthetic import SyntheticRetriever
 from actors.types import Query
 from serve_app.batcher import Batcher
-from serve_app.lanes import EncoderLane, RetrieverLane
+from serve_app.clock import now
+from serve_app.lanes import Ask, EncoderLane, RetrieverLane
+from serve_app.outcome import Outcome
 from tests.unit.fakes import FakeEncoder, FakeHandle, GatedRetriever
 
 
@@ -37,10 +39,24 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def submit(batcher: Batcher, item: str, *, timeout_s: float) -> str:
+    """One request of its own: its answer, or its exception raised (TimeoutError past its deadline)."""
+    [answer] = await batcher.submit_many([item], deadlines=[now() + timeout_s])
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer
+
+
+async def search(lane: RetrieverLane, text: str, *, top_k: int, filters=None, vectors=None) -> Outcome:
+    """One request's outcome, asked as the gateway asks a lane: a group of one."""
+    [outcome] = await lane.search_many([Ask(text, top_k, filters)], vectors)
+    return outcome
+
+
 async def test_a_lone_request_goes_at_once():
     send = Recorder()
     batcher = Batcher(send, max_batch_size=8, max_concurrent=1, wait_s=10.0)
-    task = asyncio.ensure_future(batcher.submit("a", timeout_s=5))
+    task = asyncio.ensure_future(submit(batcher, "a", timeout_s=5))
     await settle()
     assert send.batches == [["a"]]  # sent before anything else happened: no window, no wait
     send.gate.set()
@@ -50,9 +66,9 @@ async def test_a_lone_request_goes_at_once():
 async def test_requests_that_arrive_while_a_call_is_in_flight_share_the_next_call():
     send = Recorder()
     batcher = Batcher(send, max_batch_size=8, max_concurrent=1)
-    first = asyncio.ensure_future(batcher.submit("a", timeout_s=5))
+    first = asyncio.ensure_future(submit(batcher, "a", timeout_s=5))
     await settle()
-    rest = [asyncio.ensure_future(batcher.submit(x, timeout_s=5)) for x in "bcd"]
+    rest = [asyncio.ensure_future(submit(batcher, x, timeout_s=5)) for x in "bcd"]
     await settle()
     assert send.batches == [["a"]]  # b, c, d wait behind the call in flight
     send.gate.set()
@@ -64,7 +80,7 @@ async def test_requests_that_arrive_while_a_call_is_in_flight_share_the_next_cal
 async def test_batches_respect_max_batch_size_and_slots():
     send = Recorder()
     batcher = Batcher(send, max_batch_size=2, max_concurrent=2)
-    tasks = [asyncio.ensure_future(batcher.submit(x, timeout_s=5)) for x in "abcde"]
+    tasks = [asyncio.ensure_future(submit(batcher, x, timeout_s=5)) for x in "abcde"]
     await settle()
     assert send.batches == [["a"], ["b"]]  # a free slot sends at once; c, d and e wait for one
     send.gate.set()
@@ -75,10 +91,10 @@ async def test_batches_respect_max_batch_size_and_slots():
 async def test_each_request_keeps_its_own_deadline_and_the_call_goes_on_for_the_others():
     send = Recorder()
     batcher = Batcher(send, max_batch_size=8, max_concurrent=1)
-    blocker = asyncio.ensure_future(batcher.submit("a", timeout_s=5))
+    blocker = asyncio.ensure_future(submit(batcher, "a", timeout_s=5))
     await settle()
-    short = asyncio.ensure_future(batcher.submit("b", timeout_s=0.01))
-    long = asyncio.ensure_future(batcher.submit("c", timeout_s=5))
+    short = asyncio.ensure_future(submit(batcher, "b", timeout_s=0.01))
+    long = asyncio.ensure_future(submit(batcher, "c", timeout_s=5))
     with pytest.raises(TimeoutError):
         await short
     send.gate.set()
@@ -90,7 +106,7 @@ async def test_each_request_keeps_its_own_deadline_and_the_call_goes_on_for_the_
 async def test_a_call_nobody_waits_for_any_more_is_cancelled():
     send = Recorder()
     batcher = Batcher(send, max_batch_size=8, max_concurrent=1)
-    task = asyncio.ensure_future(batcher.submit("a", timeout_s=5))
+    task = asyncio.ensure_future(submit(batcher, "a", timeout_s=5))
     await settle()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -104,7 +120,7 @@ async def test_an_error_reaches_every_request_of_the_call():
         raise RetrieverFailed("index gone")
 
     batcher = Batcher(broken, max_batch_size=8)
-    results = await asyncio.gather(*(batcher.submit(x, timeout_s=5) for x in "ab"), return_exceptions=True)
+    results = await asyncio.gather(*(submit(batcher, x, timeout_s=5) for x in "ab"), return_exceptions=True)
     assert [str(r) for r in results] == ["index gone", "index gone"]
 
 
@@ -122,12 +138,11 @@ async def test_concurrent_requests_make_one_call_to_the_retriever_with_their_own
     gated = GatedRetriever(retriever)
     handle = FakeHandle(gated)
     r = lane([handle], batcher_options={"max_batch_size": 8, "max_concurrent": 1})
-    first = asyncio.ensure_future(r.search("aspirin", top_k=1, filters=None, timeout_ms=None))
+    first = asyncio.ensure_future(search(r, "aspirin", top_k=1))
     await settle()
     others = [
-        asyncio.ensure_future(r.search("metformin diabetes", top_k=5, filters={"domain": "metabolism", "x": "y"},
-                                       timeout_ms=None)),
-        asyncio.ensure_future(r.search("p53 cancers", top_k=2, filters=None, timeout_ms=None)),
+        asyncio.ensure_future(search(r, "metformin diabetes", top_k=5, filters={"domain": "metabolism", "x": "y"})),
+        asyncio.ensure_future(search(r, "p53 cancers", top_k=2)),
     ]
     await settle()
     gated.gate.set()
@@ -147,9 +162,8 @@ async def test_one_encoding_serves_every_lane_of_the_model(retriever, embedder):
     enc = EncoderLane("default", encoder, max_batch_size=8, max_concurrent=1)
     handles = [FakeHandle(retriever), FakeHandle(retriever)]
     lanes = [RetrieverLane(f"r{i}", [h], top_k=3, timeout_ms=5000, encoder=enc) for i, h in enumerate(handles)]
-    vector = asyncio.ensure_future(enc.encode("aspirin cancer", timeout_s=5))
-    outcomes = await asyncio.gather(*(x.search("aspirin cancer", top_k=3, filters=None, timeout_ms=None,
-                                                vector=vector) for x in lanes))
+    vector = asyncio.ensure_future(enc.encode_many(["aspirin cancer"], timeout_s=5))
+    outcomes = await asyncio.gather(*(search(x, "aspirin cancer", top_k=3, vectors=vector) for x in lanes))
     assert [o.status for o in outcomes] == ["ok", "ok"]
     assert [name for name, _ in encoder.calls] == ["encode"]  # once, for both lanes
     sent = [h.calls[0][1][0][0].vector for h in handles]
@@ -163,8 +177,8 @@ async def test_an_encoder_failure_is_the_dense_lanes_error_and_the_graph_lane_go
     dense = RetrieverLane("dense", [FakeHandle(retriever)], top_k=3, timeout_ms=5000, encoder=enc)
     graph_handle = FakeHandle(retriever)
     graph = RetrieverLane("graph", [graph_handle], top_k=3, timeout_ms=5000, encoder=enc, vector_optional=True)
-    vector = asyncio.ensure_future(enc.encode("aspirin", timeout_s=5))
-    d, g = await asyncio.gather(*(x.search("aspirin", top_k=3, filters=None, timeout_ms=None, vector=vector)
+    vector = asyncio.ensure_future(enc.encode_many(["aspirin"], timeout_s=5))
+    d, g = await asyncio.gather(*(search(x, "aspirin", top_k=3, vectors=vector)
                                   for x in (dense, graph)))
     assert d.status == "error" and d.error == "RetrieverFailed: encoder for default: RuntimeError: replica died"
     assert g.status == "ok" and g.error.startswith("linked entities by name only: encoder for default")
@@ -178,8 +192,8 @@ async def test_a_slow_encoder_times_the_dense_lane_out_naming_the_encoder(retrie
 
     enc = EncoderLane("default", FakeHandle(Hanging()), max_batch_size=8, max_concurrent=1)
     dense = RetrieverLane("dense", [FakeHandle(retriever)], top_k=3, timeout_ms=30, encoder=enc)
-    vector = asyncio.ensure_future(enc.encode("aspirin", timeout_s=0.03))
-    outcome = await dense.search("aspirin", top_k=3, filters=None, timeout_ms=None, vector=vector)
+    vector = asyncio.ensure_future(enc.encode_many(["aspirin"], timeout_s=0.03))
+    outcome = await search(dense, "aspirin", top_k=3, vectors=vector)
     assert outcome.status == "timeout" and outcome.error == "no answer within 30 ms (waiting for the encoder)"
     with pytest.raises(TimeoutError):
         await vector
@@ -192,17 +206,17 @@ async def test_shards_are_merged_per_query_and_a_failed_shard_lowers_coverage(do
 
     halves = [SyntheticRetriever(name="h0", documents=docs[:3]), SyntheticRetriever(name="h1", documents=docs[3:])]
     whole = lane([FakeHandle(h) for h in halves])
-    outcome = await whole.search("risk of cancers", top_k=3, filters=None, timeout_ms=None)
+    outcome = await search(whole, "risk of cancers", top_k=3)
     assert outcome.status == "ok" and outcome.coverage == 1.0
     unsharded = SyntheticRetriever(name="all", documents=docs).search([Query("risk of cancers", top_k=3)])[0]
     assert [h.doc_id for h in outcome.value] == [h.doc_id for h in unsharded] and len(unsharded) == 3
     assert {h.doc_id for h in outcome.value} & {d.doc_id for d in docs[3:]}  # both halves contributed
     degraded = lane([FakeHandle(halves[0]), FakeHandle(Broken())])
-    outcome = await degraded.search("cancer risk", top_k=3, filters=None, timeout_ms=None)
+    outcome = await search(degraded, "cancer risk", top_k=3)
     assert outcome.status == "ok" and outcome.coverage == 0.5
     assert outcome.error == "shard 1: error: RetrieverFailed: shard index corrupt"
     dead = lane([FakeHandle(Broken()), FakeHandle(Broken())])
-    outcome = await dead.search("cancer risk", top_k=3, filters=None, timeout_ms=None)
+    outcome = await search(dead, "cancer risk", top_k=3)
     assert outcome.status == "error" and outcome.coverage == 0.0
 
 
@@ -214,5 +228,5 @@ async def test_the_breaker_opens_and_then_skips_the_lane(docs):
             raise RetrieverFailed("down")
 
     r = lane([FakeHandle(Broken())], breaker=CircuitBreaker(failures=2, cooldown_s=60))
-    statuses = [(await r.search("x", top_k=1, filters=None, timeout_ms=None)).status for _ in range(3)]
+    statuses = [(await search(r, "x", top_k=1)).status for _ in range(3)]
     assert statuses == ["error", "error", "skipped"] and r.breaker.state == "open"
