@@ -12,8 +12,9 @@ from actors.types import CancelToken, Hit, Query
 class Retriever(Protocol):
     """Answers a batch of queries with one ranked hit list per query.
 
-    Batched by nature so that a deployment can hand it everything `@serve.batch` collected and
-    the model encodes all of it in one call.
+    Batched by nature: the gateway groups the requests that arrive together into one call per
+    retriever (serve_app/batcher.py), the deployment hands that whole group to `search`, and a
+    model encodes all of it at once (or the shared encoder already has, `Query.vector`).
 
     `cancel` is set when the caller stops waiting (the gateway's deadline passed): a search checks
     it between its stages and batches and raises `Cancelled` there, so work nobody waits for stops

@@ -12,7 +12,7 @@ A batch query (`search_many`, `encode_many`) is one call downstream for all of i
 each query's own deadline: one slot of the in-flight bound, one breaker outcome.
 
 Handles are duck-typed (`handle.search.remote(queries)`, `handle.encode.remote(texts)`), so unit
-tests drive lanes with the fake handle in tests/unit/fakes.py and no Ray.
+tests drive lanes with the fake handle that ships with ragfan, `serve_app.testing.FakeHandle`, and no Ray.
 """
 
 from __future__ import annotations

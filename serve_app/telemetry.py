@@ -1,6 +1,8 @@
 """What the gateway records about each search: Prometheus metrics, and the window behind /v1/stats.
 
-Two consumers, one recording point (`Telemetry.searched`, called once per answered search):
+Two consumers, one recording point, `Telemetry.searched`: called once for each search the retrievers
+were asked, alone or in a batch, whether its answer is complete, degraded, or failed (503); not for an
+invalid one (422), nor while the app is disabled.
 
 - **Prometheus**, through Ray's metrics system: `ray.serve.metrics` instruments (METRICS below), which
   Serve tags with `deployment`, `replica` and `application`, and Ray exports from every node (with

@@ -1,12 +1,23 @@
-"""One real local Ray cluster per test session, with three apps on one Serve HTTP proxy.
+"""One real local Ray cluster per test session, and up to eight apps on its one Serve HTTP proxy.
 
-- `ragfan` (/)        the embedded default's five real retrievers, the real model in each replica, deployed
-                      from the KubeRay manifest's serveConfigV2 (cluster_configs/rayservice.yaml) as KubeRay would
-- `faults` (/faults)  synthetic retrievers that sleep, fail or hang, for fan-out behaviour
-- `off`    (/off)     the same default config with enabled: false
-- `watch`  (/watch)   two gateway replicas behind an API key, over one retriever that answers, one that
-                      fails and one that hangs: what the metrics, Prometheus and /dashboard tests watch
+Each app is a session fixture, deployed the first time a test asks for it and kept to the end:
 
+- `ragfan`  (/)          `base_url`: the five real retrievers of cluster_configs/ragfan-cluster.yaml, the
+                         real model in each replica, deployed from the KubeRay manifest's serveConfigV2
+                         (cluster_configs/rayservice.yaml) as KubeRay would
+- `faults`  (/faults)    `faults_url`: synthetic retrievers that sleep, fail, hang or trip their breaker,
+                         for fan-out behaviour
+- `off`     (/off)       `off_url`: the default config with enabled: false (RAGFAN_DISABLED)
+- `guard`   (/guard)     `guard_url`: two gateway replicas behind API keys, two working retrievers and one
+                         whose altered index fails to start
+- `watch`   (/watch)     `watch_url`: two gateway replicas behind WATCH_KEY, over one retriever that answers,
+                         one that fails and one that hangs: what the metrics, Prometheus and /dashboard
+                         tests watch
+- `tight`   (/tight)     `tight_url`: a gateway that runs 2 requests and queues 2; the rest get 503
+- `elastic` (/elastic)   `elastic_url`: one retriever autoscaled from 1 to 3 replicas on short delays
+- `sharded` (/sharded)   `sharded_url`: one dense collection twice, whole and split over two shards
+
+Some test modules deploy an app of their own (test_cache, test_reliability, test_reload, test_writes).
 Ray exports the cluster's metrics for Prometheus on `metrics_port`, every METRICS_REPORT_MS.
 
 Starting Ray costs seconds and loading the model costs more, so everything is session-scoped.
@@ -36,7 +47,9 @@ TINYBEIR = Path(__file__).resolve().parents[1] / "fixtures" / "tinybeir"
 ROOT = Path(__file__).resolve().parents[2]
 RAYSERVICE = ROOT / "cluster_configs" / "rayservice.yaml"
 WATCH_KEY = "watch-key-0123456789"  # the watch app's API key
-METRICS_REPORT_MS = 1000  # how often Ray's processes report metrics to the export (Ray's default: 10 s)
+# How often Ray's processes report metrics to the export (Ray's default: 10 s). Every report of every
+# process is parsed by the node's agent: at 1 s, with the session's apps up, that took a fifth of a core.
+METRICS_REPORT_MS = 5000
 DENSE_UNITS = 3  # the custom resource the manifest's dense retrievers need: one per replica, three at the least
 
 
