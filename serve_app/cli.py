@@ -246,7 +246,7 @@ def serve(args: argparse.Namespace) -> int:
               try:       ragfan query "vitamin D and multiple sclerosis" --url {url}
                          curl -s {url}/v1/search -H 'content-type: application/json' \\
                               -d '{{"query": "vitamin D and multiple sclerosis", "top_k": 5}}'
-              Python:    from serve_app.client import RagClient; RagClient().search("...")
+              Python:    from serve_app import RagClient; RagClient().search("...")
             Ctrl-C stops the app{" and the Ray cluster it started" if own_cluster else ""}.
             """), flush=True)
         if args.ray_dashboard:
@@ -267,13 +267,29 @@ def serve(args: argparse.Namespace) -> int:
         print("\nragfan: stopping ...", flush=True)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-        if own_cluster:
-            ray_serve.shutdown()
-            ray.shutdown()
-        else:
-            ray_serve.delete(config.app_name)
+        _stop(config.app_name, own_cluster)
         print("ragfan: stopped", flush=True)
     return 0
+
+
+def _stop(app_name: str, own_cluster: bool) -> None:
+    """Delete the app (its replicas stop gracefully), and end the Ray cluster if we started it.
+
+    Not `serve.shutdown()`: it kills Serve's controller while its own call to the controller is still
+    open, and Ray prints that call's failure on every stop ("Task ServeController.graceful_shutdown
+    failed ... killed by `ray.kill`"). `ray.shutdown()` stops this driver listening first, and then
+    ends the controller and the proxies with the cluster, so a clean stop prints no error.
+    """
+    import ray
+    from ray import serve as ray_serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        ray_serve.delete(app_name)
+    except RayServeException:  # stopped before Serve started: no app to delete
+        pass
+    if own_cluster:
+        ray.shutdown()
 
 
 def _warn_unhealthy(handle: Any) -> None:
