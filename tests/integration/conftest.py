@@ -331,3 +331,26 @@ def sharded_url(cluster, tmp_path_factory) -> str:
     prepare_indexes(config, progress=False)
     serve.run(app_from_config(config, api_keys=[]), name="sharded", route_prefix="/sharded")
     return cluster + "/sharded"
+
+
+# -- each session app goes once the last test that needs it has run --------------------------------
+# Every deployed replica costs CPU while idle (Ray's metrics, Serve's health checks, the gateway's own
+# loops); on two cores, apps kept to the session's end slowed every later module.
+SESSION_APPS = {"base_url": manifest_application()["name"], "faults_url": "faults", "off_url": "off",
+                "guard_url": "guard", "watch_url": "watch", "tight_url": "tight", "elastic_url": "elastic",
+                "sharded_url": "sharded"}
+_last_use: dict[str, list[str]] = {}  # test id -> the apps no later test needs
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    last = {fixture: item.nodeid for item in items for fixture in SESSION_APPS if fixture in item.fixturenames}
+    _last_use.clear()
+    for fixture, nodeid in last.items():
+        _last_use.setdefault(nodeid, []).append(SESSION_APPS[fixture])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem) -> None:
+    for app in _last_use.get(item.nodeid, []):
+        if ray.is_initialized() and app in serve.status().applications:
+            serve.delete(app)

@@ -32,6 +32,7 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 APP = "writes"
 MERGE_DOCS = 30  # a deployment merges its delta at this many writes: only the merge test writes that many
 WRITERS = ["dense", "keyword", "split"]
+CHECK_CONCURRENCY = 8  # searches in flight at once while checking every write
 
 
 def word() -> str:
@@ -98,16 +99,28 @@ def hits(http, url, query: str, retriever: str, *, cache: bool = False) -> list[
 
 def check_everything(http, url, written: dict[str, str | None], retrievers=WRITERS, rounds: int = 4) -> None:
     """Each acknowledged id is found with its last text by every writer, on whichever replica answers,
-    or is absent if deleted. The texts hold a unique word, so the search for it is exact."""
-    for _ in range(rounds):
-        for doc_id, text in written.items():
-            probe = text or doc_id  # a deleted document's id is also its word: see `doc`
-            for name in retrievers:
-                found = {h["id"]: h.get("text") for h in hits(http, url, probe, name)}
-                if text is None:
-                    assert doc_id not in found, (name, doc_id)
-                else:
-                    assert found.get(doc_id) == text, (name, doc_id, found)
+    or is absent if deleted. The texts hold a unique word, so the search for it is exact. The searches
+    go out CHECK_CONCURRENCY at a time, each on its own, so each is routed to a replica on its own."""
+    probes = [(doc_id, text, name) for _ in range(rounds) for doc_id, text in written.items() for name in retrievers]
+
+    async def search_all() -> list[tuple[str, str | None, str, httpx.Response]]:
+        gate = asyncio.Semaphore(CHECK_CONCURRENCY)
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def one(doc_id: str, text: str | None, name: str):
+                async with gate:
+                    body = {"query": text or doc_id, "retrievers": [name], "cache": False, "top_k": 10}
+                    return doc_id, text, name, await client.post(f"{url}/v1/search", json=body, headers=AUTH)
+
+            return await asyncio.gather(*(one(*p) for p in probes))
+
+    for doc_id, text, name, r in asyncio.run(search_all()):  # a deleted document's id is also its word
+        assert r.status_code == 200, r.text
+        assert r.json()["retrievers"][name]["status"] == "ok", r.json()["retrievers"]
+        found = {h["id"]: h.get("text") for h in r.json()["results"]}
+        if text is None:
+            assert doc_id not in found, (name, doc_id)
+        else:
+            assert found.get(doc_id) == text, (name, doc_id, found)
 
 
 def doc(written, *, text: str | None = None) -> dict:
