@@ -6,28 +6,22 @@ remote or slow backend costs about the same for one query as for several. `fail:
 raise, to exercise degraded answers. Its wait ends early, and it stops between queries, when the
 caller cancels the call (`cancel`, see actors/base.py). `describe()` lists when its recent calls
 started and ended (`time.monotonic()`, one clock for every process of a machine), so a test can
-show calls overlapping by their order, not by their timing. With `hold`, a search waits while that
-file exists, and `describe()` counts the calls `in_progress`: a test holds calls, sees how many are
-inside the replica at once, and then lets them go, instead of hoping they meet in a time window.
-It reproduces the latency profile of the design ragfan replaces (`ragfan bench --profile seed`)
-and is never part of the default config.
+show calls overlapping by their order, not by their timing. It reproduces the latency profile of
+the design ragfan replaces (`ragfan bench --profile seed`) and is never part of the default config.
 """
 
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 from actors.errors import RetrieverFailed
 from actors.types import CancelToken, Document, Hit, Query, matches
 
 _WORD = re.compile(r"\w+")
-HOLD_POLL_S = 0.01  # how often a held search looks whether its hold file is gone
 
 
 class SyntheticRetriever:
@@ -40,15 +34,11 @@ class SyntheticRetriever:
         documents: Sequence[Document],
         delay_ms: float = 0.0,
         fail: Literal["never", "always"] = "never",
-        hold: Path | None = None,
     ) -> None:
         self.name = name
         self.documents = list(documents)
         self.delay_ms = delay_ms
         self.fail = fail
-        self.hold = hold
-        self.in_progress = 0  # calls inside search() now
-        self._lock = threading.Lock()  # sync searches run on several threads at once (max_concurrent_batches)
         self._words = [frozenset(_WORD.findall(d.text.lower())) for d in self.documents]
         self._postings: dict[str, list[int]] = defaultdict(list)  # word -> documents that contain it
         self.recent_calls: deque[tuple[float, float]] = deque(maxlen=64)  # (started, ended), oldest first
@@ -59,15 +49,9 @@ class SyntheticRetriever:
     def search(self, queries: Sequence[Query], *, cancel: CancelToken | None = None) -> list[list[Hit]]:
         cancel = cancel or CancelToken()
         started, started_at = time.perf_counter(), time.monotonic()
-        with self._lock:
-            self.in_progress += 1
         try:
-            while self.hold is not None and self.hold.exists():
-                cancel.wait(HOLD_POLL_S)
             return self._rank(queries, cancel)
         finally:
-            with self._lock:
-                self.in_progress -= 1
             try:
                 # The service time is delay_ms per batch, ranking included, whether it succeeds or
                 # fails; a cancelled call stops waiting at once (Cancelled).
@@ -98,7 +82,6 @@ class SyntheticRetriever:
             "num_docs": len(self.documents),
             "delay_ms": self.delay_ms,
             "fail": self.fail,
-            "in_progress": self.in_progress,
             "recent_calls": [{"started": s, "ended": e} for s, e in self.recent_calls],
         }
 

@@ -25,10 +25,8 @@ Starting Ray costs seconds and loading the model costs more, so everything is se
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -67,18 +65,6 @@ def free_port() -> int:
 
 
 METRICS_PORT = free_port()
-# Hold files of synthetic retrievers (`hold`): while one exists, that retriever's searches wait
-HOLDS = Path(tempfile.mkdtemp(prefix="ragfan-holds-"))
-
-
-@contextlib.contextmanager
-def holding(name: str):
-    """Hold the searches of the synthetic retrievers configured with `hold: HOLDS / name` until the block ends."""
-    (HOLDS / name).touch()
-    try:
-        yield
-    finally:
-        (HOLDS / name).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
@@ -139,8 +125,7 @@ def faults_url(cluster) -> str:
                 synthetic("failing", fail="always"),
                 synthetic("hanging", delay_ms=5000, timeout_ms=300),
                 # batches of one, four at a time: an I/O-bound retriever overlapping its waits
-                synthetic("overlapping", delay_ms=300, batch={"max_batch_size": 1, "max_concurrent_batches": 4},
-                          hold=str(HOLDS / "overlapping"), timeout_ms=10_000),
+                synthetic("overlapping", delay_ms=300, batch={"max_batch_size": 1, "max_concurrent_batches": 4}),
                 synthetic("quick"),
                 # circuit breaking: opens after 3 failures in a row, probes again after 5 s
                 synthetic("flaky", fail="always", circuit_breaker={"failures": 3, "cooldown_s": 5.0}),
@@ -277,8 +262,7 @@ def tight_url(cluster) -> str:
             "gateway": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 2, "max_queued_requests": 2,
                         "retry_after_s": 2},
             "retrievers": [
-                synthetic("slowish", delay_ms=500, batch={"max_batch_size": 1, "max_concurrent_batches": 8},
-                          hold=str(HOLDS / "slowish"), timeout_ms=10_000),
+                synthetic("slowish", delay_ms=500, batch={"max_batch_size": 1, "max_concurrent_batches": 8}),
             ],
         },
         base_dir=Path("."),
