@@ -1,6 +1,7 @@
 """One real local Ray cluster per test session, and up to eight apps on its one Serve HTTP proxy.
 
-Each app is a session fixture, deployed the first time a test asks for it and kept to the end:
+Each app is a session fixture, deployed the first time a test asks for it and deleted once the last
+test that needs it has run (`pytest_runtest_teardown`, at the end of this file):
 
 - `ragfan`  (/)          `base_url`: the five real retrievers of cluster_configs/ragfan-cluster.yaml, the
                          real model in each replica, deployed from the KubeRay manifest's serveConfigV2
