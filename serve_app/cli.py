@@ -36,6 +36,7 @@ from actors.errors import (
     RagError,
     Unauthorized,
 )
+from serve_app.types import FUSION_METHODS
 
 if TYPE_CHECKING:
     from serve_app.schemas import SearchResponse
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "left out of the fusion), and each retriever's p50 latency")
     eval_p.add_argument("--split", default="test", help="the BEIR qrels split (default test)")
     eval_p.add_argument("--ignore-identical-ids", action="store_true", help="drop a hit whose id is the query's id")
-    eval_p.add_argument("--fusion", choices=["rrf", "minmax", "dbsf"], help="fusion method (default: the config's)")
+    eval_p.add_argument("--fusion", choices=FUSION_METHODS, help="fusion method (default: the config's)")
     eval_p.add_argument("--output", help="write the results as JSON here")
     eval_p.add_argument("--address", help="Ray cluster to run on (default: start a local one)")
     eval_p.add_argument("--concurrency", type=int, default=16,
