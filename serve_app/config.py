@@ -415,7 +415,7 @@ class AppConfig(_Strict):
                 raise ValueError(f"'{reserved}' is reserved for {what}")
         taken = sorted(n for n in names if n == "encoder" or n.startswith("encoder-"))
         if taken:
-            raise ValueError(f"names starting with 'encoder' are reserved for encoder deployments: {', '.join(taken)}")
+            raise ValueError(f"'encoder' and 'encoder-*' are reserved for encoder deployments: {', '.join(taken)}")
         return retrievers
 
     @property
