@@ -88,13 +88,21 @@ def delete(http, url, ids, *, retrievers=None, wait=True) -> httpx.Response:
     return http.post(f"{url}/v1/documents/delete", json=body, headers=AUTH)
 
 
-def hits(http, url, query: str, retriever: str, *, cache: bool = False) -> list[dict]:
-    r = http.post(f"{url}/v1/search", json={"query": query, "retrievers": [retriever], "cache": cache,
-                                            "top_k": 10}, headers=AUTH)
+def search_body(query: str, retriever: str, *, cache: bool = False) -> dict:
+    return {"query": query, "retrievers": [retriever], "cache": cache, "top_k": 10}
+
+
+def answered(r: httpx.Response, retriever: str) -> list[dict]:
+    """The results of a search that `retriever` answered."""
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["retrievers"][retriever]["status"] == "ok", body["retrievers"]
     return body["results"]
+
+
+def hits(http, url, query: str, retriever: str, *, cache: bool = False) -> list[dict]:
+    return answered(http.post(f"{url}/v1/search", json=search_body(query, retriever, cache=cache), headers=AUTH),
+                    retriever)
 
 
 def check_everything(http, url, written: dict[str, str | None], retrievers=WRITERS, rounds: int = 4) -> None:
@@ -108,15 +116,13 @@ def check_everything(http, url, written: dict[str, str | None], retrievers=WRITE
         async with httpx.AsyncClient(timeout=60) as client:
             async def one(doc_id: str, text: str | None, name: str):
                 async with gate:
-                    body = {"query": text or doc_id, "retrievers": [name], "cache": False, "top_k": 10}
+                    body = search_body(text or doc_id, name)
                     return doc_id, text, name, await client.post(f"{url}/v1/search", json=body, headers=AUTH)
 
             return await asyncio.gather(*(one(*p) for p in probes))
 
     for doc_id, text, name, r in asyncio.run(search_all()):  # a deleted document's id is also its word
-        assert r.status_code == 200, r.text
-        assert r.json()["retrievers"][name]["status"] == "ok", r.json()["retrievers"]
-        found = {h["id"]: h.get("text") for h in r.json()["results"]}
+        found = {h["id"]: h.get("text") for h in answered(r, name)}
         if text is None:
             assert doc_id not in found, (name, doc_id)
         else:
