@@ -278,4 +278,5 @@ def open_retriever(spec: RetrieverSpec, *, version: str | None = None, progress:
         documents=read_documents(spec.data_file, text_field=options.text_field),
         delay_ms=options.delay_ms,
         fail=options.fail,
+        hold=options.hold,
     )

@@ -65,6 +65,8 @@ class SyntheticOptions(_TextOptions):
     kind: Literal["synthetic"] = "synthetic"
     delay_ms: float = Field(0, ge=0, description="how long each search sleeps")
     fail: Literal["never", "always"] = Field("never", description="'always': every search raises")
+    hold: Path | None = Field(None, description="tests: while this file exists, every search waits before it "
+                              "ranks, leaving a file '<hold>.<id>.inside' meanwhile (actors/synthetic.py)")
 
 
 AnyOptions = DenseOptions | KeywordOptions | GraphOptions | SyntheticOptions

@@ -26,9 +26,14 @@ Starting Ray costs seconds and loading the model costs more, so everything is se
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
+import shutil
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -66,6 +71,23 @@ def free_port() -> int:
 
 
 METRICS_PORT = free_port()
+# Hold files of the synthetic retrievers configured with `hold: HOLDS / name` (actors/synthetic.py)
+HOLDS = Path(tempfile.mkdtemp(prefix="ragfan-holds-"))
+
+
+@contextlib.contextmanager
+def holding(name: str) -> Iterator[None]:
+    """Hold every search of the synthetic retrievers configured with `hold: HOLDS / name` until the block ends."""
+    (HOLDS / name).touch()
+    try:
+        yield
+    finally:
+        (HOLDS / name).unlink(missing_ok=True)
+
+
+def held(name: str) -> int:
+    """How many searches wait in `holding(name)` now, in every replica (each leaves a file while it waits)."""
+    return len(list(HOLDS.glob(f"{name}.*.inside")))
 
 
 @pytest.fixture(scope="session")
@@ -125,8 +147,10 @@ def faults_url(cluster) -> str:
                 *(synthetic(f"slow{i}", delay_ms=200) for i in range(1, 5)),
                 synthetic("failing", fail="always"),
                 synthetic("hanging", delay_ms=5000, timeout_ms=300),
-                # batches of one, four at a time: an I/O-bound retriever overlapping its waits
-                synthetic("overlapping", delay_ms=300, batch={"max_batch_size": 1, "max_concurrent_batches": 4}),
+                # batches of one, four at a time: an I/O-bound retriever overlapping its waits; a test holds
+                # its calls (`holding`), for as long as it takes to see them inside at once
+                synthetic("overlapping", batch={"max_batch_size": 1, "max_concurrent_batches": 4},
+                          hold=str(HOLDS / "overlapping"), timeout_ms=120_000),
                 synthetic("quick"),
                 # circuit breaking: opens after 3 failures in a row, probes again after 5 s
                 synthetic("flaky", fail="always", circuit_breaker={"failures": 3, "cooldown_s": 5.0}),
@@ -187,6 +211,16 @@ def wait_until(predicate, timeout_s: float, interval_s: float = 0.25) -> float:
         if predicate():
             return time.perf_counter() - started
         time.sleep(interval_s)
+    pytest.fail(f"condition not met within {timeout_s} s")
+
+
+async def wait_until_async(predicate, timeout_s: float, interval_s: float = 0.05) -> float:
+    """wait_until for a test's own event loop: poll without blocking it."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        if predicate():
+            return time.perf_counter() - started
+        await asyncio.sleep(interval_s)
     pytest.fail(f"condition not met within {timeout_s} s")
 
 
@@ -263,7 +297,9 @@ def tight_url(cluster) -> str:
             "gateway": {"ray_actor_options": {"num_cpus": 0.1}, "max_ongoing_requests": 2, "max_queued_requests": 2,
                         "retry_after_s": 2},
             "retrievers": [
-                synthetic("slowish", delay_ms=500, batch={"max_batch_size": 1, "max_concurrent_batches": 8}),
+                # a test holds its calls (`holding`) to fill the gateway's 2 + 2 for as long as it needs
+                synthetic("slowish", batch={"max_batch_size": 1, "max_concurrent_batches": 8},
+                          hold=str(HOLDS / "slowish"), timeout_ms=120_000),
             ],
         },
         base_dir=Path("."),
@@ -299,7 +335,15 @@ def elastic_url(cluster) -> str:
 
 
 @pytest.fixture(scope="session")
-def sharded_url(cluster, tmp_path_factory) -> str:
+def sharded_data(tmp_path_factory) -> Path:
+    """The split collection's own copy of the corpus: a test takes it away from the shards alone."""
+    path = tmp_path_factory.mktemp("shard-data") / "corpus.jsonl"
+    shutil.copyfile(TINYBEIR / "corpus.jsonl", path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sharded_url(cluster, sharded_data, tmp_path_factory) -> str:
     """The same dense collection twice: whole, and split by document over two shard deployments."""
     dense = {"kind": "dense", "data": str(TINYBEIR / "corpus.jsonl"), "top_k": 10,
              "ray_actor_options": {"num_cpus": 0.2}, "timeout_ms": 5000}
@@ -309,7 +353,8 @@ def sharded_url(cluster, tmp_path_factory) -> str:
             "cache": None,  # every search reaches the retrievers: these apps test what they do
             "cache_dir": str(tmp_path_factory.mktemp("shard-cache")),
             "gateway": {"ray_actor_options": {"num_cpus": 0.1}},
-            "retrievers": [{"name": "whole", **dense}, {"name": "split", "shards": 2, **dense}],
+            "retrievers": [{"name": "whole", **dense},
+                           {"name": "split", "shards": 2, **dense, "data": str(sharded_data)}],
         },
         base_dir=Path("."),
     )

@@ -17,7 +17,7 @@ from actors.errors import InvalidRequest, NoRetrieverAvailable, Overloaded, Unau
 from serve_app.cli import main
 from serve_app.client import RagClient
 from serve_app.schemas import SearchResponse
-from tests.integration.conftest import API_KEY, TINYBEIR
+from tests.integration.conftest import API_KEY, TINYBEIR, held, holding, wait_until_async
 
 # (what is sent, what is searched): each control character becomes a space
 MESSY = [
@@ -124,8 +124,10 @@ def test_keys_and_unavailable_retrievers_raise_the_same_errors_through_both_clie
 async def test_serves_backpressure_is_overloaded_with_its_retry_after(tight_url):
     # the tight app runs 2 searches and queues 2; Serve's proxy refuses the rest (503, not JSON)
     async with RagClient(url=tight_url) as client:
-        outcomes = await asyncio.gather(*(client.search_async("vitamin d") for _ in range(12)),
-                                        return_exceptions=True)
+        with holding("slowish"):  # the two it runs wait in the retriever until the refusals are in
+            calls = [asyncio.ensure_future(client.search_async("vitamin d")) for _ in range(12)]
+            await wait_until_async(lambda: held("slowish") == 2 and sum(c.done() for c in calls) >= 8, 90)
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
     refused = [o for o in outcomes if isinstance(o, Exception)]
     assert refused and all(type(o) is Overloaded and o.retry_after_s == 2 for o in refused), refused
     assert any(isinstance(o, SearchResponse) for o in outcomes)

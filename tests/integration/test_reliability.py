@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import glob
-import itertools
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from ray import serve
 from serve_app.app import app_from_config
 from serve_app.client import RagClient
 from serve_app.config import parse_config
-from tests.integration.conftest import API_KEY, replica_actors, synthetic, wait_until
+from tests.integration.conftest import API_KEY, held, holding, replica_actors, synthetic, wait_until, wait_until_async
 
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 
@@ -150,31 +149,34 @@ def test_calls_to_a_hung_retriever_are_bounded_in_flight(faults_url, http):
 def test_overload_gets_503_with_retry_after_at_once(tight_url, http):
     assert search(http, tight_url).status_code == 200  # the path is up
 
-    async def burst(n: int) -> list[tuple[int, str | None, float, int]]:
-        answered = itertools.count()  # the order in which the answers came back
-        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=n)) as c:
-            async def one() -> tuple[int, str | None, float, int]:
-                started = time.perf_counter()
+    async def burst(n: int) -> tuple[list[tuple[int, str | None]], list[tuple[int, str | None]]]:
+        """n concurrent searches while the retriever holds every call it gets: (all answers, those
+        that came back while the two running searches were still held)."""
+        async with httpx.AsyncClient(timeout=150, limits=httpx.Limits(max_connections=n)) as c:
+            async def one() -> tuple[int, str | None]:
                 r = await c.post(f"{tight_url}/v1/search", json={"query": "vitamin d cancer risk"})
-                ms = (time.perf_counter() - started) * 1000
-                return r.status_code, r.headers.get("retry-after"), ms, next(answered)
+                return r.status_code, r.headers.get("retry-after")
 
-            return await asyncio.gather(*(one() for _ in range(n)))
+            with holding("slowish"):
+                calls = [asyncio.ensure_future(one()) for _ in range(n)]
+                # Two run (held in the retriever) and at most two wait their turn, so at least n - 4
+                # are turned away, and "at once" means: while the two are still held.
+                await wait_until_async(lambda: held("slowish") == 2 and sum(c.done() for c in calls) >= n - 4, 90)
+                early = [c.result() for c in calls if c.done()]
+            return list(await asyncio.gather(*calls)), early
 
     report = {}
     for n in (2, 4, 8, 16):
-        results = asyncio.run(burst(n))
-        codes = Counter(code for code, _, _, _ in results)
-        rejected = sorted(ms for code, _, ms, _ in results if code == 503)
-        served = sorted(ms for code, _, ms, _ in results if code == 200)
-        report[n] = (dict(codes), rejected[len(rejected) // 2] if rejected else None, served[len(served) // 2])
-        assert set(codes) <= {200, 503} and codes[200] >= 2
-        assert all(retry == "2" for code, retry, _, _ in results if code == 503)
-        if rejected:  # rejected at once, not after waiting a turn: most 503s came back before any 200
-            rejected_order = sorted(order for code, _, _, order in results if code == 503)
-            assert rejected_order[len(rejected_order) // 2] < min(order for code, _, _, order in results if code == 200)
-    print("\nbursts against 2 running + 2 queued (n: codes, 503 median ms, 200 median ms):", report)
-    assert 503 not in report[2][0] and report[16][0].get(503, 0) >= 8
+        results, early = asyncio.run(burst(n))
+        codes = Counter(code for code, _ in results)
+        report[n] = (dict(codes), len(early))
+        assert all(code == 503 for code, _ in early) and len(early) >= n - 4, report
+        # Serve may turn away more than it must (its router counts a request as queued until a replica
+        # takes it), never fewer: the two running are served, and at most two queued after them.
+        assert set(codes) <= {200, 503} and 2 <= codes[200] <= 4, report
+        assert all(retry == "2" for code, retry in results if code == 503)
+    print("\nbursts against 2 running + 2 queued (n: codes, 503s while the running two were held):", report)
+    assert report[2][0] == {200: 2}
 
 
 # -- a retriever that fails to start ---------------------------------------------------------
@@ -376,3 +378,52 @@ def test_killing_retriever_and_gateway_replicas_under_load_loses_no_request(guar
     assert http["ok"] == len(outcomes["http"]) > 0, dict(http)
     assert handled["ok"] == len(outcomes["handle"]) > 0, dict(handled)
     wait_until(lambda: len(replica_actors("guard", "gateway")) == 2, 30)
+
+
+def proxy_actors() -> dict[str, object]:
+    """Serve's HTTP proxy actors (one per node), by actor name."""
+    found = {}
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["name"].startswith("SERVE_PROXY_ACTOR"):
+            try:
+                found[a["name"]] = ray.get_actor(a["name"], namespace=a["namespace"])
+            except ValueError:  # gone between the listing and the lookup
+                continue
+    return found
+
+
+def test_killing_the_http_ingress_under_load_loses_no_search(guard_url):
+    """Serve's HTTP proxy, the process that owns the HTTP port, killed under four RagClient(url=...)
+    threads: while Serve starts another, their searches find the port refused and try again until
+    timeout_s, so none is lost. How long HTTP was down is printed (docs/RELIABILITY.md)."""
+    answered: list[float] = []  # when each search answered
+    lost: list[str] = []
+    stop = threading.Event()
+
+    def client_loop() -> None:
+        with RagClient(url=guard_url, api_key=API_KEY, timeout_s=120) as client:
+            while not stop.is_set():
+                try:
+                    client.search("vitamin d cancer risk", retrievers=["steady"])
+                    answered.append(time.monotonic())
+                except Exception as exc:
+                    lost.append(f"{type(exc).__name__}: {exc}"[:300])
+
+    (name, proxy), = proxy_actors().items()
+    proxy_id = proxy._actor_id.hex()
+    with ThreadPoolExecutor(4) as pool, _stopping(stop):
+        futures = [pool.submit(client_loop) for _ in range(4)]
+        wait_until(lambda: len(answered) >= 20 or bool(lost), 60)
+        killed_at = time.monotonic()
+        ray.kill(proxy, no_restart=True)
+        # a new proxy answers, and every client has answered since
+        wait_until(lambda: sum(t > killed_at for t in answered) >= 20 or bool(lost), 120)
+        stop.set()
+        for f in futures:
+            f.result()
+    new = proxy_actors()
+    assert name in new and new[name]._actor_id.hex() != proxy_id  # Serve started another proxy
+    after = [t for t in answered if t > killed_at]
+    print(f"\nHTTP proxy killed under 4 RagClient(url=...) threads: {len(answered)} searches answered, "
+          f"{len(lost)} lost; the first answer after the kill came {after[0] - killed_at:.1f} s after it")
+    assert not lost, lost

@@ -8,7 +8,7 @@ import pytest
 from actors import synthetic
 from actors.data import Triple
 from actors.dense import DenseRetriever, make_index
-from actors.errors import RetrieverFailed
+from actors.errors import Cancelled, RetrieverFailed
 from actors.graph import GraphRetriever
 from actors.keyword import KeywordRetriever
 from actors.synthetic import SyntheticRetriever
@@ -155,3 +155,29 @@ def test_synthetic_delay_is_the_whole_service_time_of_a_batch(docs, monkeypatch)
 def test_query_top_k_must_be_positive():
     with pytest.raises(ValueError):
         Query("x", top_k=0)
+
+
+def test_a_held_synthetic_search_waits_inside_until_its_hold_file_goes(docs, tmp_path):
+    import threading
+
+    hold = tmp_path / "hold"
+    hold.touch()
+    retriever = SyntheticRetriever(name="s", documents=docs, hold=hold)
+    answers: list = []
+    worker = threading.Thread(target=lambda: answers.append(retriever.search([Query("cancer risk", top_k=2)])))
+    worker.start()
+    inside = []
+    for _ in range(1000):  # its marker appears once it waits
+        if inside := list(tmp_path.glob("hold.*.inside")):
+            break
+        time.sleep(0.01)
+    assert len(inside) == 1 and worker.is_alive() and not answers
+    hold.unlink()  # let it go: it ranks, answers, and takes its marker away
+    worker.join(10)
+    assert answers and answers[0][0] and not list(tmp_path.glob("hold.*.inside"))
+    hold.touch()
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        retriever.search([Query("cancer risk")], cancel=token)  # a held search still ends when cancelled
+    assert not list(tmp_path.glob("hold.*.inside"))
