@@ -343,7 +343,7 @@ def evaluate(
     # request's), and its run alone keeps all of it, so that re-fusing those lists is exact.
     top_k = max(DEPTH, *(r.top_k for r in served.retrievers))
     connected = not ray.is_initialized()  # a Ray this run starts or joins; not a caller's
-    own_cluster = connected and not address  # started here: this run may shut it down, Serve and all
+    own_cluster = connected and not address  # started here, so its CPUs are all ours
     if connected:
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -368,13 +368,12 @@ def evaluate(
                 batch=min(BATCH, served.gateway.max_batch_searches),
             ))
         finally:
-            if not own_cluster:  # as `ragfan serve --address`: only its own app; the cluster's others stay
-                serve.delete(APP)
+            serve.delete(APP)  # only its own app: a joined cluster's others stay
     finally:
-        if own_cluster:
-            serve.shutdown()
         if connected:
-            ray.shutdown()  # on a joined cluster: only this driver disconnects
+            # Ends a cluster this run started, Serve with it; on a joined cluster, only this driver
+            # disconnects. Not serve.shutdown(): see serve_app/cli.py's _stop.
+            ray.shutdown()
     method, k = fusion or served.fusion.method, served.fusion.k
     weights = {r.name: r.weight for r in served.retrievers}
     metrics = {system: measure(collected.runs[system], qrels) for system in systems}

@@ -152,7 +152,7 @@ def test_eval_on_a_cluster_it_joined_deletes_only_its_own_app(beir, monkeypatch,
     assert ray.calls[-2:] == [f"serve.delete {ev.APP}", "ray.shutdown"]  # its app, then it disconnects
 
 
-def test_eval_on_a_cluster_it_started_shuts_it_down_and_in_a_callers_ray_only_deletes_its_app(beir, monkeypatch):
+def test_eval_on_a_cluster_it_started_ends_it_and_in_a_callers_ray_only_deletes_its_app(beir, monkeypatch):
     from serve_app import evaluate as ev
 
     async def run(*args, **kwargs):
@@ -162,7 +162,10 @@ def test_eval_on_a_cluster_it_started_shuts_it_down_and_in_a_callers_ray_only_de
     started = FakeRay(monkeypatch)
     with pytest.raises(RuntimeError):
         ev.evaluate(beir)
-    assert started.calls[0] == "ray.init local" and started.calls[-2:] == ["serve.shutdown", "ray.shutdown"]
+    # its app goes, then the cluster with Serve in it; never serve.shutdown, whose controller kill Ray
+    # reports as a failed task on every run
+    assert started.calls[0] == "ray.init local" and started.calls[-2:] == [f"serve.delete {ev.APP}", "ray.shutdown"]
+    assert "serve.shutdown" not in started.calls
     callers = FakeRay(monkeypatch, initialized=True)  # a caller's Ray (a notebook, a test session)
     with pytest.raises(RuntimeError):
         ev.evaluate(beir)
