@@ -25,12 +25,17 @@ InvalidRequest (HTTP 422, before anything is sent when the client can tell), Mal
 Unauthorized (401), PayloadTooLarge (413), NoRetrieverAvailable (503 with each retriever's reason)
 and Overloaded (Serve's own 503); both carry `retry_after_s`.
 
-A search is read-only, so it is sent once more, and only once, when the first try was lost on the
-way: the gateway replica died under it (a handle's RayActorError), the connection failed (an
-httpx connect, read or remote-protocol error), or the proxy answered 500, 502 or 504 for a replica
-that died. Any other answer raises at once. A 5xx that persists raises a RagError with the status
-and the start of the body; a connection that fails twice raises httpx's own error. Timeouts are not
-retried: a slow service would only be asked to do the work twice.
+A call lost on the way is sent again; any other answer raises at once:
+- A search (or a batch) whose connection failed (an httpx connect, read, write or remote-protocol
+  error: refused, reset, or dropped before an answer) is sent again and again, after 0.05 s, then
+  twice as long each time up to 1 s, until `timeout_s` has passed since the call began; then
+  httpx's own error raises. A search is read-only, so this is safe, and it rides out an HTTP
+  ingress that is restarting (docs/RELIABILITY.md).
+- Once more, and only once: a search whose gateway replica died under it (a handle's
+  RayActorError), one the proxy answered with 500, 502 or 504 for a replica that died, and a write
+  or reload lost in any of these ways. A 5xx that persists raises a RagError with the status and
+  the start of the body.
+- Timeouts are not retried: a slow service would only be asked to do the work twice.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -78,6 +84,8 @@ from serve_app.schemas import (
 # What the proxy answers when the replica it sent a request to died, or cannot be reached.
 RETRY_STATUSES = frozenset({500, 502, 504})
 RETRY_NETWORK = (httpx.NetworkError, httpx.RemoteProtocolError)  # connect, read, write, a dropped connection
+READ_ONLY = frozenset({"search", "search_batch"})  # retried on a failed connection until timeout_s
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.05, 1.0  # the wait before the second try, and the longest wait
 SEARCH_PATH = "/v1/search"
 # each gateway method's HTTP route; {field}: filled from the body's field of that name
 PATHS = {"search": SEARCH_PATH, "search_batch": "/v1/search/batch", "reload": "/v1/retrievers/{name}/reload",
@@ -88,6 +96,11 @@ M = TypeVar("M", bound=BaseModel)
 # `brotli`, which ragfan depends on.
 ACCEPT_ENCODING = "zstd, br, gzip"
 _CONNECTING = threading.Lock()  # two threads' first searches on one handle client join the cluster once
+_clock, _sleep = time.monotonic, time.sleep  # the retry loop's clock and waits (unit tests replace them)
+
+
+async def _sleep_async(seconds: float) -> None:
+    await asyncio.sleep(seconds)
 
 
 class Transport(Protocol):
@@ -97,7 +110,7 @@ class Transport(Protocol):
 
     def send(self, method: str, body: BaseModel) -> Any: ...
     async def send_async(self, method: str, body: BaseModel) -> Any: ...
-    def retryable(self, outcome: Any) -> bool: ...
+    def pause_before_retry(self, method: str, outcome: Any, tries: int, elapsed_s: float) -> float | None: ...
     def answer(self, outcome: Any, model: type[M]) -> M: ...
     def close(self) -> None: ...
     async def aclose(self) -> None: ...
@@ -114,7 +127,8 @@ class RagClient:
         address: str = "auto",
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        """`url`: search over HTTP (with `api_key` if the service has keys, and `timeout_s` per try);
+        """`url`: search over HTTP (with `api_key` if the service has keys; `timeout_s` bounds each try,
+        and how long a search whose connection fails is tried again);
         `transport` replaces httpx's network transport, e.g. `httpx.MockTransport` in tests.
         Without `url`: search through app `app_name`'s handle, joining the Ray cluster at `address`.
 
@@ -247,16 +261,21 @@ class RagClient:
 
     def _call(self, method: str, body: BaseModel, model: type[M]) -> M:
         transport = self._connected()
+        started, tries = _clock(), 1
         outcome = transport.send(method, body)
-        if transport.retryable(outcome):  # lost on the way: once more (a search is read-only)
-            outcome = transport.send(method, body)
+        # lost on the way: again, as the module docstring says
+        while (pause := transport.pause_before_retry(method, outcome, tries, _clock() - started)) is not None:
+            _sleep(pause)
+            outcome, tries = transport.send(method, body), tries + 1
         return transport.answer(outcome, model)
 
     async def _call_async(self, method: str, body: BaseModel, model: type[M]) -> M:
         transport = self._connected()
+        started, tries = _clock(), 1
         outcome = await transport.send_async(method, body)
-        if transport.retryable(outcome):
-            outcome = await transport.send_async(method, body)
+        while (pause := transport.pause_before_retry(method, outcome, tries, _clock() - started)) is not None:
+            await _sleep_async(pause)
+            outcome, tries = await transport.send_async(method, body), tries + 1
         return transport.answer(outcome, model)
 
     def close(self) -> None:
@@ -386,8 +405,9 @@ class HandleTransport:
         except Exception as exc:
             return exc
 
-    def retryable(self, outcome: Any) -> bool:
-        return isinstance(outcome, self._replica_gone)  # the gateway replica died: another one answers
+    def pause_before_retry(self, method: str, outcome: Any, tries: int, elapsed_s: float) -> float | None:
+        # the gateway replica died: once more, at once, and another one answers
+        return 0.0 if tries == 1 and isinstance(outcome, self._replica_gone) else None
 
     def answer(self, outcome: Any, model: type[M]) -> M:
         if isinstance(outcome, Exception):
@@ -415,6 +435,7 @@ class HTTPTransport:
                    "accept-encoding": ACCEPT_ENCODING}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
+        self.timeout_s = timeout_s
         self._options: dict[str, Any] = {"base_url": self.url, "headers": headers, "timeout": timeout_s}
         self._transport = transport
         self._client: httpx.Client | None = None
@@ -447,10 +468,15 @@ class HTTPTransport:
         except RETRY_NETWORK as exc:
             return exc
 
-    def retryable(self, outcome: Any) -> bool:
-        if isinstance(outcome, Exception):
-            return True
-        return outcome.status_code in RETRY_STATUSES and not _is_ragfan_error(outcome)
+    def pause_before_retry(self, method: str, outcome: Any, tries: int, elapsed_s: float) -> float | None:
+        if isinstance(outcome, Exception):  # the connection failed: no answer came back
+            if method in READ_ONLY:
+                pause = min(BACKOFF_FIRST_S * 2 ** (tries - 1), BACKOFF_MAX_S)
+                return pause if elapsed_s + pause < self.timeout_s else None
+            return 0.0 if tries == 1 else None
+        if outcome.status_code in RETRY_STATUSES and not _is_ragfan_error(outcome):  # the proxy lost the replica
+            return 0.0 if tries == 1 else None
+        return None
 
     def answer(self, outcome: Any, model: type[M]) -> M:
         if isinstance(outcome, Exception):

@@ -160,11 +160,48 @@ def test_a_search_lost_on_the_way_is_sent_once_more(search, first):
     assert len(server.requests) == 2 and server.requests[0].content == server.requests[1].content
 
 
-def test_a_connection_that_fails_twice_raises_httpx_error(search):
+@pytest.fixture
+def pauses(monkeypatch) -> list[float]:
+    """A clock that moves only when the client waits before a retry; the waits, in order."""
+    waited: list[float] = []
+    now = [100.0]
+
+    def wait(seconds: float) -> None:
+        waited.append(seconds)
+        now[0] += seconds
+
+    async def wait_async(seconds: float) -> None:
+        wait(seconds)
+
+    monkeypatch.setattr(serve_app.client, "_clock", lambda: now[0])
+    monkeypatch.setattr(serve_app.client, "_sleep", wait)
+    monkeypatch.setattr(serve_app.client, "_sleep_async", wait_async)
+    return waited
+
+
+@pytest.mark.parametrize("failure", [httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError])
+def test_a_search_whose_connection_keeps_failing_is_retried_with_backoff_until_timeout(search, pauses, failure):
+    server = Server(dropped(failure))
+    with pytest.raises(failure):
+        search(server.client(timeout_s=4.0))
+    # 0.05 s, doubling up to 1 s, while the waits fit in timeout_s: 0.05+0.1+0.2+0.4+0.8+1+1 = 3.55 s
+    assert pauses == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0] and len(server.requests) == len(pauses) + 1
+
+
+def test_a_search_answers_once_the_ingress_is_back(search, pauses):
+    server = Server(*[dropped(httpx.ConnectError)] * 5, ok())  # refused while the ingress restarts
+    assert search(server.client(timeout_s=10)).results[0].id == "d1"
+    assert len(server.requests) == 6 and pauses == [0.05, 0.1, 0.2, 0.4, 0.8]
+    batch = Server(dropped(httpx.ConnectError), batch_answer({**ANSWER, "status": 200}))
+    assert batch.client().search_batch(["vitamin d"])[0].results[0].id == "d1"  # a batch is read-only too
+    assert len(batch.requests) == 2
+
+
+def test_a_write_whose_connection_fails_twice_raises_httpx_error(pauses):
     server = Server(dropped(httpx.ConnectError))
     with pytest.raises(httpx.ConnectError):
-        search(server.client())
-    assert len(server.requests) == 2
+        server.client(timeout_s=60).delete(["d1"])
+    assert len(server.requests) == 2 and pauses == [0.0]  # once more at once, as any lost call
 
 
 def test_a_5xx_that_persists_raises_rag_error_with_status_and_body(search):
