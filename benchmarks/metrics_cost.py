@@ -1,7 +1,8 @@
 """What recording ragfan's metrics costs: the same app with `gateway.metrics` on and off, in one run.
 
     .venv/bin/python -m benchmarks.metrics_cost                          # the embedded default, 3 rounds
-    .venv/bin/python -m benchmarks.metrics_cost --dataset ../shared/datasets/scifact --output docs/bench-metrics.json
+    .venv/bin/python -m benchmarks.metrics_cost --dataset ../shared/datasets/scifact \
+        --output docs/data/bench-metrics-cost-scifact.json
 
 Each round deploys the app twice, metrics on and metrics off (the order alternates from round to
 round, so a drift of the machine's speed falls on both sides), and measures each at c=32 through
