@@ -119,7 +119,8 @@ def test_max_concurrent_batches_lets_a_replica_overlap_slow_batches(faults_url, 
             return r.json()["retrievers"]["overlapping"]
 
     assert one()["status"] == "ok"  # the path is up
-    with holding("overlapping"), ThreadPoolExecutor(4) as pool:
+    # the hold goes first, then the pool waits for the answers (the other order would wait out the deadline)
+    with ThreadPoolExecutor(4) as pool, holding("overlapping"):
         answers = [pool.submit(one) for _ in range(4)]
         # Every call waits inside the replica until the hold goes. Four batches of one are inside at
         # once only if the replica runs four at a time: one at a time, the second would wait for the
