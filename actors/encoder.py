@@ -8,6 +8,10 @@ One deployment per distinct model (`encoder` for the default model, `encoder-<ha
 Calls carry lists of texts, since the gateway already groups concurrent requests; `@serve.batch`
 merges what several gateway replicas send at the same moment. Put it on a GPU with
 `encoder.ray_actor_options.num_gpus` in the config.
+
+`encoder.backend` picks what runs the model on the CPU: `onnx` (the default: onnxruntime, half the
+CPU of torch for a lone query, the same vectors, and no torch in the replica) or `torch`. A replica
+with a GPU runs torch whatever the setting (actors/embedder.py, `make_embedder`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import numpy as np
 import ray
 from ray import serve
 
-from actors.embedder import DEFAULT_MODEL, SentenceTransformerEmbedder, limit_threads, resolve_model
+from actors.embedder import DEFAULT_MODEL, Embedder, assigned_device, limit_threads, make_embedder, resolve_model
+from actors.encoder_backend import DEFAULT_ENCODER_BACKEND, effective_backend
 from actors.errors import RetrieverFailed
 from actors.metrics import ray_instruments
 
@@ -49,15 +54,19 @@ class EncoderDeployment:
         num_cpus: float = 1.0,
         max_batch_size: int = 256,
         batch_wait_timeout_s: float = 0.0,
+        backend: str = DEFAULT_ENCODER_BACKEND,
     ) -> None:
         self.model = model
-        self.threads = limit_threads(num_cpus)
+        self.device = assigned_device()
+        self.backend = effective_backend(backend, self.device)
+        # torch's thread pool is sized only where torch runs: importing it costs a few hundred MB.
+        self.threads = limit_threads(num_cpus, torch=self.backend == "torch")
         self.start_error: str | None = None
-        self.embedder: SentenceTransformerEmbedder | None = None
+        self.embedder: Embedder | None = None
         try:
-            self.embedder = SentenceTransformerEmbedder(model)
-            self.embedder.encode(["warm-up query"])  # torch's lazy set-up, before the first user's deadline
-            logger.info("encoder for %s ready on %s", self.embedder.name, self.embedder.device)
+            self.embedder = make_embedder(model, backend=self.backend, threads=self.threads, device=self.device)
+            self.embedder.encode(["warm-up query"])  # the model's lazy set-up, before the first user's deadline
+            logger.info("encoder for %s ready on %s (%s)", self.embedder.name, self.device, self.backend)
         except Exception as exc:
             # Stay up and say why: the dense retrievers answer `error` with this reason, the rest still answer.
             self.start_error = f"failed to start: {type(exc).__name__}: {exc}"[:500]
@@ -79,7 +88,7 @@ class EncoderDeployment:
         flat = [text for texts in calls for text in texts]
         self.batch_size.observe(len(flat), tags={"model": self.model})
         # The forward pass holds a thread for milliseconds: keep it off the replica's event loop.
-        sub_batch = CPU_SUB_BATCH if self.embedder.device == "cpu" else GPU_SUB_BATCH
+        sub_batch = CPU_SUB_BATCH if self.device == "cpu" else GPU_SUB_BATCH
         vectors = await asyncio.to_thread(self.embedder.encode, flat, batch_size=sub_batch)
         out, start = [], 0
         for texts in calls:
@@ -92,4 +101,4 @@ class EncoderDeployment:
                 "node_id": ray.get_runtime_context().get_node_id()}
         if self.embedder is None:
             return {**base, "error": self.start_error}
-        return {**base, "dim": self.embedder.dim, "device": self.embedder.device}
+        return {**base, "dim": self.embedder.dim, "device": self.device, "backend": self.backend}

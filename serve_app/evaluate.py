@@ -11,6 +11,10 @@ under the app name `ragfan-eval`, with writes off and deadlines of at least 120 
 measured here, not whether a retriever makes its deadline under a 64-query batch). A judged-queries
 file is judged against a config's retrievers: `--config`, or the embedded default, as `ragfan serve`.
 
+`encoder_backend` (`--encoder-backend torch|onnx|onnx-int8`) sets `encoder.backend` of the served
+app, to compare what runs the query encoder (`onnx-int8`, which the config does not offer,
+included); the documents' vectors are the ingested ones, embedded by torch, either way.
+
 A local app with the real gateway starts (or one on `--address`), and every query goes through the
 same DeploymentHandle path a client uses: once to each retriever alone and once to all of them,
 fused. The queries go as batch searches (`search_batch`), 64 to a request per system, so that each
@@ -45,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from actors.encoder_backend import MEASURED_BACKENDS
 from actors.errors import RagError
 from actors.index import default_cache_dir
 from actors.sources import PARENT
@@ -310,6 +315,7 @@ def evaluate(
     fusion: str | None = None,
     address: str | None = None,
     concurrency: int = 16,
+    encoder_backend: str | None = None,
 ) -> dict[str, Any]:
     """Measure `dataset` (a BEIR directory, or a JSONL file of judged queries) through the served app:
     `config`'s retrievers, or without one a `dense` and a `keyword` retriever over a BEIR corpus (a
@@ -337,6 +343,11 @@ def evaluate(
     else:
         raise RagError(f"{dataset}: not found; give a BEIR dataset directory (corpus.jsonl, queries.jsonl, "
                        "qrels/SPLIT.tsv) or a JSONL file of judged queries ({\"_id\", \"text\", \"relevant\"})")
+    if encoder_backend is not None:
+        if encoder_backend not in MEASURED_BACKENDS:
+            raise RagError(f"unknown encoder backend {encoder_backend!r}; valid: {', '.join(MEASURED_BACKENDS)}")
+        # Not validated as config: an eval may also run `onnx-int8`, which the config does not offer.
+        served.encoder = served.encoder.model_copy(update={"backend": encoder_backend})
     names = served.names
     systems = {**{n: [n] for n in names}, FUSED: names}
     # Every retriever's whole list reaches fusion (a lane asks for the larger of its top_k and the
@@ -383,6 +394,7 @@ def evaluate(
         "split": split if dataset.is_dir() else None,
         "config": None if artifacts is not None else str(config or "the embedded default"),
         "num_queries": len(queries),
+        "encoder_backend": served.encoder.backend,
         "metrics": metrics,
         "fusion": {"method": method, "k": k, "weights": weights},
     }
