@@ -107,7 +107,7 @@ def medians(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def run(dataset: Path, rounds: int, pyspy: bool) -> dict[str, Any]:
+def run(dataset: Path, rounds: int, pyspy: bool, *, log_searches: bool = False) -> dict[str, Any]:
     import ray
     from ray import serve
 
@@ -124,8 +124,9 @@ def run(dataset: Path, rounds: int, pyspy: bool) -> dict[str, Any]:
         ingest(dataset / "corpus.jsonl", artifacts, kinds=("dense", "keyword"), progress=False)  # reuses eval's
         port = 8000 + os.getpid() % 1000
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        handle = serve.run(app_from_config(served_config("dataset", artifacts, 32, cache=True)),
-                           name="ragfan-bench", route_prefix="/bench")
+        config = served_config("dataset", artifacts, 32, cache=True)
+        config.gateway.log_searches = log_searches
+        handle = serve.run(app_from_config(config), name="ragfan-bench", route_prefix="/bench")
         url = f"http://127.0.0.1:{port}/bench/v1/search"
         all_rounds = []
         for n in range(rounds):
@@ -136,7 +137,8 @@ def run(dataset: Path, rounds: int, pyspy: bool) -> dict[str, Any]:
         serve.delete("ragfan-bench")
     finally:
         ray.shutdown()
-    return {"benchmark": "request_cost", "dataset": str(dataset), "rounds": all_rounds, "median": medians(all_rounds),
+    return {"benchmark": "request_cost", "dataset": str(dataset), "log_searches": log_searches,
+            "rounds": all_rounds, "median": medians(all_rounds),
             "pyspy": profiles, "machine": machine(), "versions": versions()}
 
 
@@ -155,8 +157,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--output", help="write the report as JSON here")
     parser.add_argument("--pyspy", metavar="FILE", help="also profile hits with py-spy; the summary goes here")
+    parser.add_argument("--log-searches", action="store_true", help="the gateway logs a line per search, as "
+                        "before gateway.log_searches existed (its default is off)")
     args = parser.parse_args()
-    report = run(args.dataset, args.rounds, bool(args.pyspy))
+    report = run(args.dataset, args.rounds, bool(args.pyspy), log_searches=args.log_searches)
     print(format_table(report))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1) + "\n")

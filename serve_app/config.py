@@ -314,6 +314,10 @@ class GatewayConfig(ScalingConfig):
         True, description="record ragfan's Prometheus metrics and the /dashboard's window (GET /v1/stats); "
         "false: neither, and no stats deployment"
     )
+    log_searches: bool = Field(
+        False, description="log one INFO line per search (its latency and each retriever's status, never the "
+        "query); off by default: it costs a flushed log record per request, and the metrics count searches"
+    )
     ray_actor_options: ActorOptions = ActorOptions(num_cpus=0.25)
 
     @field_validator("max_body_bytes", "compress_min_bytes", mode="before")

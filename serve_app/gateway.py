@@ -373,9 +373,10 @@ class Gateway:
             for name in self.config.names
         }
         latency_ms = _ms(started)
-        logger.info("search %.1f ms %s", latency_ms, " ".join(
-            f"{n}={s.status}/{s.latency_ms:.0f}ms" for n, s in statuses.items() if s.status != "skipped"
-        ))
+        if self.config.gateway.log_searches:  # off by default: a flushed log record per request
+            logger.info("search %.1f ms %s", latency_ms, " ".join(
+                f"{n}={s.status}/{s.latency_ms:.0f}ms" for n, s in statuses.items() if s.status != "skipped"
+            ))
         answered = sum(o.status == "ok" for o in outcomes.values())
         left_out = {"text", "metadata"} - set(request.include) if request.include is not None else set()
         if left_out:  # ids, scores and sources only: None is left out of the JSON (schemas.Result)

@@ -6,6 +6,7 @@ Each case checks what happened (statuses, calls, cancellations), never how long 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,16 @@ async def test_a_changed_config_applied_mid_search_serves_later_searches_and_spa
     assert set(later.retrievers) == {"a", "b"}
     with pytest.raises(InvalidRequest, match="unknown retriever"):
         await gateway.search({"query": "cancer risk", "retrievers": ["c"]})
+
+
+async def test_a_line_per_search_is_logged_only_with_log_searches(replicas, caplog):
+    caplog.set_level(logging.INFO, logger="ray.serve")
+    quiet, _ = gateway_over(replicas)
+    await quiet.search({"query": "risk of cancers"})
+    assert not [r for r in caplog.records if r.getMessage().startswith("search ")]
+    config = make_config()
+    config.gateway.log_searches = True
+    chatty, _ = gateway_over(replicas, config)
+    await chatty.search({"query": "risk of cancers"})
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("search ")]
+    assert "a=ok/" in line and "risk" not in line  # each retriever's status; never the query
