@@ -7,8 +7,8 @@ the backends and still start at once (tests/unit/test_imports.py).
 - `onnx`: the transformer exported to ONNX once (actors/onnx_export.py) and run on onnxruntime.
 - `onnx-int8`: that export with dynamic int8 weights. Measured, not offered: it costs less CPU, but
   it lowered fused nDCG@10 by more than the 0.003 allowed (docs/QUALITY.md, "Encoder backends"). The
-  config refuses it; `ragfan eval --encoder-backend onnx-int8` and benchmarks/encoder_backends.py
-  still run it, so that the figures can be measured again.
+  config refuses it; `make_embedder` and the encoder deployment's `backend` argument still take it,
+  so that benchmarks/encoder_backends.py and an eval can measure it again.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Literal, get_args
 
 EncoderBackend = Literal["torch", "onnx"]
 ENCODER_BACKENDS: tuple[str, ...] = get_args(EncoderBackend)  # what `encoder.backend` offers
-MEASURED_BACKENDS: tuple[str, ...] = (*ENCODER_BACKENDS, "onnx-int8")  # what an eval or a benchmark may run
+MEASURED_BACKENDS: tuple[str, ...] = (*ENCODER_BACKENDS, "onnx-int8")  # what a benchmark may run
 # The query encoder's default. Measured on this machine's CPU, one thread, SciFact queries: onnx costs
 # less CPU per query alone and in batches of 8, with the same vectors and the same nDCG@10
 # (docs/BENCHMARKS.md and docs/QUALITY.md, "Encoder backends").

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from actors.encoder_backend import MEASURED_BACKENDS
+from actors.encoder_backend import ENCODER_BACKENDS
 from actors.errors import (
     Conflict,
     InvalidRequest,
@@ -149,9 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     eval_p.add_argument("--concurrency", type=int, default=16,
                         help="queries in flight, in whole batch requests of 64 and at least one (default 16: one "
                              "batch of 64 at a time)")
-    eval_p.add_argument("--encoder-backend", choices=MEASURED_BACKENDS,
-                        help="what runs the query encoder (encoder.backend; default: the config's, onnx); "
-                             "onnx-int8 is measured here only, the config does not offer it (docs/QUALITY.md)")
+    eval_p.add_argument("--encoder-backend", choices=ENCODER_BACKENDS,
+                        help="what runs the query encoder (encoder.backend; default: the config's, onnx)")
 
     bench_p = sub.add_parser("bench", help="latency / QPS / CPU / memory against the in-process designs")
     source = bench_p.add_mutually_exclusive_group(required=True)

@@ -11,9 +11,9 @@ under the app name `ragfan-eval`, with writes off and deadlines of at least 120 
 measured here, not whether a retriever makes its deadline under a 64-query batch). A judged-queries
 file is judged against a config's retrievers: `--config`, or the embedded default, as `ragfan serve`.
 
-`encoder_backend` (`--encoder-backend torch|onnx|onnx-int8`) sets `encoder.backend` of the served
-app, to compare what runs the query encoder (`onnx-int8`, which the config does not offer,
-included); the documents' vectors are the ingested ones, embedded by torch, either way.
+`encoder_backend` (`--encoder-backend torch|onnx`) sets `encoder.backend` of the served app, to
+compare what runs the query encoder; the documents' vectors are the ingested ones, embedded by
+torch, either way.
 
 A local app with the real gateway starts (or one on `--address`), and every query goes through the
 same DeploymentHandle path a client uses: once to each retriever alone and once to all of them,
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from actors.encoder_backend import MEASURED_BACKENDS
+from actors.encoder_backend import ENCODER_BACKENDS
 from actors.errors import RagError
 from actors.index import default_cache_dir
 from actors.sources import PARENT
@@ -344,9 +344,9 @@ def evaluate(
         raise RagError(f"{dataset}: not found; give a BEIR dataset directory (corpus.jsonl, queries.jsonl, "
                        "qrels/SPLIT.tsv) or a JSONL file of judged queries ({\"_id\", \"text\", \"relevant\"})")
     if encoder_backend is not None:
-        if encoder_backend not in MEASURED_BACKENDS:
-            raise RagError(f"unknown encoder backend {encoder_backend!r}; valid: {', '.join(MEASURED_BACKENDS)}")
-        # Not validated as config: an eval may also run `onnx-int8`, which the config does not offer.
+        # Validated as the config is: the gateway validates it again in its replica.
+        if encoder_backend not in ENCODER_BACKENDS:
+            raise RagError(f"unknown encoder backend {encoder_backend!r}; valid: {', '.join(ENCODER_BACKENDS)}")
         served.encoder = served.encoder.model_copy(update={"backend": encoder_backend})
     names = served.names
     systems = {**{n: [n] for n in names}, FUSED: names}
