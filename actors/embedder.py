@@ -7,7 +7,7 @@ Two backends run the model (`make_embedder`; the names in actors/encoder_backend
 - `torch`: sentence-transformers itself, `SentenceTransformerEmbedder`; the GPU path.
 - `onnx`: the transformer exported to ONNX once (actors/onnx_export.py) and run on onnxruntime,
   `OnnxEmbedder`, with the same tokenizer, mean pooling and normalisation. Same vectors (cosine
-  >= 0.9999998 to torch on SciFact), about half the CPU for a lone query, and no torch in the process.
+  >= 0.9999999 to torch on SciFact), two thirds of torch's CPU for a lone query, and no torch in the process.
   `onnx-int8` (dynamic int8 weights) is measured, not offered (actors/encoder_backend.py).
 """
 

@@ -9,8 +9,8 @@ Calls carry lists of texts, since the gateway already groups concurrent requests
 merges what several gateway replicas send at the same moment. Put it on a GPU with
 `encoder.ray_actor_options.num_gpus` in the config.
 
-`encoder.backend` picks what runs the model on the CPU: `onnx` (the default: onnxruntime, half the
-CPU of torch for a lone query, the same vectors, and no torch in the replica) or `torch`. A replica
+`encoder.backend` picks what runs the model on the CPU: `onnx` (the default: onnxruntime, two thirds
+of torch's CPU for a lone query, the same vectors, and no torch in the replica) or `torch`. A replica
 with a GPU runs torch whatever the setting (actors/embedder.py, `make_embedder`).
 """
 

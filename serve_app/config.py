@@ -336,8 +336,8 @@ class EncoderConfig(ScalingConfig):
     ray_actor_options: ActorOptions = ActorOptions(num_cpus=0.5)
     max_ongoing_requests: int = Field(64, ge=1, description="concurrent requests per replica")
     batch: BatchConfig = BatchConfig(max_batch_size=256, batch_wait_timeout_s=0.0)
-    # onnx by default: on the CPU it takes less time per query than torch, alone and in batches of 8,
-    # for the same vectors (docs/BENCHMARKS.md and docs/QUALITY.md, "Encoder backends").
+    # onnx by default: on the CPU a lone query costs 0.66x torch's CPU and a batch of 8 as much, for the
+    # same vectors, with no torch in the replica (docs/BENCHMARKS.md and docs/QUALITY.md, "Encoder backends").
     backend: EncoderBackend = Field(
         DEFAULT_ENCODER_BACKEND, description="what runs the model on the CPU: onnx (onnxruntime, the model "
         "exported once and cached) or torch (sentence-transformers); a replica with num_gpus runs torch"
