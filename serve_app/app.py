@@ -184,7 +184,10 @@ class StatsDeployment(StatsHub):
 # and logs to files only. On 2 cores it halved the cost of a hop (docs/BENCHMARKS.md). ragfan's
 # replicas never block their event loop (CPU work runs in worker threads), as that mode requires.
 # Its log buffer is set back to one record, so that a warning reaches the log when it happens.
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
+# The controller checks the HTTP proxy every second instead of every 10 s: it replaces a proxy after
+# three failed checks in a row, so a dead one took HTTP down for ~25 s (benchmarks/ingress_kill.py).
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+             "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "1"}
 # That mode also serves HTTP through direct ingress, which at shutdown drains for 30 s so that a load
 # balancer in front can stop routing. A cluster ragfan starts for itself (`ragfan serve`, bench,
 # tests) has none, and Ctrl-C should take seconds; clusters started elsewhere keep Serve's default.
@@ -255,7 +258,7 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
         enc = config.encoder
         for model in config.shared_models:  # one encoder per model that `encoder: shared` retrievers use
             args = {"num_cpus": enc.ray_actor_options.num_cpus, "max_batch_size": enc.batch.max_batch_size,
-                    "batch_wait_timeout_s": enc.batch.batch_wait_timeout_s}
+                    "batch_wait_timeout_s": enc.batch.batch_wait_timeout_s, "backend": enc.backend}
             encoders[model] = _versioned(_deployment(EncoderDeployment).options(
                 name=encoder_name(model), ray_actor_options=enc.ray_actor_options.to_ray(), **enc.serve_options()
             ), model, args).bind(model, **args)

@@ -230,3 +230,14 @@ def test_every_deployment_setting_the_config_accepts_serve_accepts_too(where):
             assert f"{prefix}.{key}" in exc.message, (key, value, exc.message)
             continue
         app_from_config(config, api_keys=[])  # Serve checks each deployment's options here
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_the_encoder_backend_reaches_the_encoder_deployment(backend):
+    from serve_app.app import app_from_config
+
+    config = parse_config({"encoder": {"backend": backend}, "retrievers": [{"name": "d", "kind": "dense",
+                                                                              "data": "d.jsonl"}]}, base_dir=Path("."))
+    gateway = app_from_config(config, api_keys=[])._bound_deployment
+    encoder = gateway.init_args[2]["default"]._bound_deployment  # the gateway's encoders, by model
+    assert encoder.init_kwargs["backend"] == backend
