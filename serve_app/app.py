@@ -257,11 +257,13 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
                 ), spec.model_dump_json(), args).bind(spec, **args, versions=versions))
         enc = config.encoder
         for model in config.shared_models:  # one encoder per model that `encoder: shared` retrievers use
-            args = {"num_cpus": enc.ray_actor_options.num_cpus, "max_batch_size": enc.batch.max_batch_size,
-                    "batch_wait_timeout_s": enc.batch.batch_wait_timeout_s, "backend": enc.backend}
+            options: dict[str, Any] = {
+                "num_cpus": enc.ray_actor_options.num_cpus, "max_batch_size": enc.batch.max_batch_size,
+                "batch_wait_timeout_s": enc.batch.batch_wait_timeout_s, "backend": enc.backend,
+            }
             encoders[model] = _versioned(_deployment(EncoderDeployment).options(
                 name=encoder_name(model), ray_actor_options=enc.ray_actor_options.to_ray(), **enc.serve_options()
-            ), model, args).bind(model, **args)
+            ), model, options).bind(model, **options)
     keys = load_api_keys(config.gateway.api_keys_file) if api_keys is None else api_keys
     digests = tuple(digest(k) for k in keys)  # only digests travel to the replicas (and Serve's stored config)
     # The retrievers, fusion, encoder and cache settings reach the gateway as `user_config`: a change to
