@@ -142,7 +142,7 @@ def faults_url(cluster) -> str:
         {
             "app_name": "faults",
             "cache": None,  # every search reaches the retrievers: these apps test what they do
-            "gateway": {"ray_actor_options": {"num_cpus": 0.1}},
+            "gateway": {"ray_actor_options": {"num_cpus": 0.1}, "log_searches": True},
             "retrievers": [
                 *(synthetic(f"slow{i}", delay_ms=200) for i in range(1, 5)),
                 synthetic("failing", fail="always"),

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import threading
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import ray
@@ -221,3 +223,31 @@ def test_killing_the_encoder_degrades_the_dense_retrievers_while_keyword_and_gra
         return again.status_code == 200 and again.json()["retrievers"]["corpus"]["status"] == "ok"
 
     print(f"encoder back after {wait_until(dense_ok_again, timeout_s=90):.1f} s")
+
+
+def test_with_log_searches_the_gateway_logs_one_line_per_request_without_the_query(faults_url, http):
+    query = f"log line check {uuid.uuid4().hex}"  # text no other request sends
+    r = search(http, faults_url, query=query, retrievers=["quick", "slow1"])
+    assert r.status_code == 200
+    body = r.json()
+    # What this request's line says, read off its answer: the total latency to 0.1 ms and each asked
+    # retriever's status and latency. Another request's line matches only if all of them coincide.
+    parts = [f" search {body['latency_ms']:.1f} ms ", *(
+        f" {name}={s['status']}/{s['latency_ms']:.0f}ms" for name, s in body["retrievers"].items()
+        if s["status"] != "skipped"
+    )]
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+
+    def matching() -> list[tuple[str, str]]:
+        return [
+            (path.name, line)
+            for path in logs.glob("*.log")
+            for line in path.read_text(errors="replace").splitlines()
+            if all(part in line for part in parts)
+        ]
+
+    wait_until(lambda: matching(), 10)  # the replica's log buffer reaches the file
+    [(file, line)] = matching()  # exactly one line: this request's
+    assert file.startswith("replica_faults_gateway_") and line.startswith("INFO "), (file, line)
+    leaked = [p.name for p in logs.glob("*.log") if query in p.read_text(errors="replace")]
+    assert leaked == []  # the query text is never logged, by any replica

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,6 @@ from ray import serve
 from actors.errors import InvalidRequest
 from serve_app.client import RagClient
 from serve_app.schemas import SearchResponse
-from tests.integration.conftest import wait_until
 
 NAMES = ["corpus", "keyword", "graph", "persona", "domain"]
 QUERY = "vitamin D deficiency and the risk of multiple sclerosis"
@@ -161,29 +160,11 @@ def test_python_client_from_another_process(base_url):
     assert len(body.results) == 4 and body.retrievers["corpus"].status == "ok"
 
 
-def test_gateway_logs_one_line_per_request_without_the_query(base_url, http):
-    query = f"log line check {uuid.uuid4().hex}"  # text no other request sends
-    r = http.post(f"{base_url}/v1/search", json={"query": query, "retrievers": ["keyword", "graph"]})
-    assert r.status_code == 200
-    body = r.json()
-    # What this request's line says, read off its answer: the total latency to 0.1 ms and each asked
-    # retriever's status and latency. Another request's line matches only if all of them coincide.
-    parts = [f" search {body['latency_ms']:.1f} ms ", *(
-        f" {name}={s['status']}/{s['latency_ms']:.0f}ms" for name, s in body["retrievers"].items()
-        if s["status"] != "skipped"
-    )]
+def test_the_default_app_logs_no_line_per_search(base_url, http):
+    """`gateway.log_searches` is off by default: a line per search is opt-in (test_faults.py checks it on)."""
+    assert http.post(f"{base_url}/v1/search", json={"query": "log line check"}).status_code == 200
     logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
-
-    def matching() -> list[tuple[str, str]]:
-        return [
-            (path.name, line)
-            for path in logs.glob("*.log")
-            for line in path.read_text(errors="replace").splitlines()
-            if all(part in line for part in parts)
-        ]
-
-    wait_until(lambda: matching(), 10)  # the replica's log buffer reaches the file
-    [(file, line)] = matching()  # exactly one line: this request's
-    assert file.startswith("replica_ragfan_gateway_") and line.startswith("INFO "), (file, line)
-    leaked = [p.name for p in logs.glob("*.log") if query in p.read_text(errors="replace")]
-    assert leaked == []  # the query text is never logged, by any replica
+    gateway_logs = list(logs.glob("replica_ragfan_gateway_*.log"))
+    assert gateway_logs  # the replica's log is there, and says nothing per search
+    assert not [line for p in gateway_logs for line in p.read_text(errors="replace").splitlines()
+                if re.search(r" -- search [0-9.]+ ms ", line)]
