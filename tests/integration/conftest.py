@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import random
 import shutil
 import socket
 import tempfile
@@ -65,9 +66,19 @@ def manifest_application() -> dict:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below Linux's ephemeral range (32768 and up) and Serve's direct-ingress ports
+    (30000 to 31000). A port the OS hands out for binding to 0 is an ephemeral one, which Ray's own
+    outgoing connections can take before the server binds it ("Failed to bind to address")."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 30000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 30000")
 
 
 METRICS_PORT = free_port()
