@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 import yaml
 from tqdm.auto import tqdm
 
+from actors.errors import RetrieverFailed
 from benchmarks import resources
 from benchmarks.profile import Recorder, busiest_pids, py_spy, to_markdown
 from benchmarks.systems import (
@@ -49,6 +50,7 @@ from benchmarks.systems import (
     compute_limit,
     dataset_retrievers,
     demo_retrievers,
+    onnx_encoders,
     seed_retrievers,
 )
 from serve_app.config import DEFAULT_CONFIG, AppConfig, load_config, parse_config
@@ -238,15 +240,44 @@ def _in_process_runs(retrievers, queries, concurrencies, duration_s, bar) -> lis
         runs.append(measure("threadpool", c, manager.search, queries, duration_s))
         manager.close()
         bar.update(1)
-    bar.set_description("compute-limit")
-    cpu0 = resources.cpu_seconds()
-    with resources.PeakRSS() as rss:
-        batch_queries = list(itertools.islice(itertools.cycle(queries), max(256, len(queries))))
-        n, seconds = compute_limit(retrievers, batch_queries)
-    runs.append(row("compute-limit", 256, [seconds * 1000 / n] * n, seconds, resources.cpu_seconds() - cpu0,
-                    rss.peak_mb) | {"p50_ms": None, "p95_ms": None, "p99_ms": None})
+    runs.append(compute_limit_run(retrievers, queries, bar))
     bar.update(1)
     return runs
+
+
+def compute_limit_run(retrievers, queries, bar) -> dict[str, Any]:
+    """compute-limit with each encoder backend ragfan ships, the faster kept: the retrievers' own torch
+    model (the one sequential and threadpool share), then an ONNX export of it on as many threads.
+
+    The same queries, retrieval work and batches of 256 in both; only the object that encodes differs.
+    The row says which backend it kept (`encoder_backend`, None when no retriever encodes) and what
+    each measured (`encoder_backends`).
+    """
+    batch_queries = list(itertools.islice(itertools.cycle(queries), max(256, len(queries))))
+    candidates: dict[str, dict[int, Any]] = {"torch": {}}
+    if any(getattr(r, "embedder", None) is not None for r in retrievers.values()):
+        try:
+            candidates["onnx"] = onnx_encoders(retrievers)
+        except RetrieverFailed as exc:  # an export that fails leaves the ceiling on torch, said aloud
+            logger.warning("compute-limit runs on torch only: no ONNX encoder (%s)", exc)
+    else:
+        candidates = {"none": {}}  # nothing to encode (the seed profile): one run
+    rows = {}
+    for backend, encoders in candidates.items():
+        bar.set_description(f"compute-limit ({backend})")
+        for encoder in encoders.values():
+            encoder.encode(batch_queries[:32])  # warm, as the earlier runs warmed the torch model
+        cpu0 = resources.cpu_seconds()
+        with resources.PeakRSS() as rss:
+            n, seconds, encoding = compute_limit(retrievers, batch_queries, encoders=encoders)
+        rows[backend] = row("compute-limit", 256, [seconds * 1000 / n] * n, seconds, resources.cpu_seconds() - cpu0,
+                            rss.peak_mb) | {"p50_ms": None, "p95_ms": None, "p99_ms": None,
+                                            "encode_ms_per_query": round(1000 * encoding / n, 2)}
+    fastest = max(rows, key=lambda backend: rows[backend]["qps"])
+    if fastest == "none":
+        return rows[fastest] | {"encoder_backend": None}
+    measured = {b: {"qps": r["qps"], "encode_ms_per_query": r["encode_ms_per_query"]} for b, r in rows.items()}
+    return rows[fastest] | {"encoder_backend": fastest, "encoder_backends": measured}
 
 
 # -- the served app -------------------------------------------------------------------------------
@@ -548,8 +579,21 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{r['system']:<22}{r['concurrency']:>5}{r['requests']:>7}{fmt(r['p50_ms'], '9.1f')}"
                      f"{fmt(r['p95_ms'], '9.1f')}{fmt(r['p99_ms'], '9.1f')}{r['qps']:>9.2f}"
                      f"{r['cpu_s_per_query']:>9.4f}{r['peak_rss_mb']:>8.0f}")
+    lines += compute_limit_lines(report)
     sections = [role_cpu_table(report), batch_size_lines(report), rss_at_rest_lines(report), targets(report)]
     return "\n\n".join("\n".join(section) for section in [lines, *sections] if section)
+
+
+def compute_limit_lines(report: dict[str, Any]) -> list[str]:
+    """Under the table: the encoder backend compute-limit kept, and what each backend measured."""
+    limit = _limit(report)
+    if limit is None or not limit.get("encoder_backend"):
+        return []
+    backends = limit.get("encoder_backends", {})
+    measured = ", ".join(f"{backend} {m['qps']:.2f} QPS (encoding {m['encode_ms_per_query']:.2f} ms a query)"
+                         for backend, m in backends.items())
+    how = "the faster" if len(backends) > 1 else "the only backend measured"
+    return [f"compute-limit encodes with {limit['encoder_backend']}, {how}: {measured}"]
 
 
 def _served(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -611,107 +655,81 @@ def _line(label: str, detail: str, ok: bool | None, aim: bool | None = None) -> 
     return f"  [{status}] {label}: {detail}{aim_text}"
 
 
+def _limit(report: dict[str, Any]) -> dict[str, Any] | None:
+    return next((r for r in report["runs"] if r["system"] == "compute-limit"), None)
+
+
+# Issue 21's targets. Each is a ratio or a difference between rows of this one report, so it holds
+# on any machine; a target whose rows this run lacks is left out. The seed profile's compute-limit
+# sleeps once per batch of 256, so it is no ceiling there, and its ratios are left out too.
 def targets(report: dict[str, Any]) -> list[str]:
-    """The issue's targets, each a ratio or a difference between runs of this one report."""
+    """Issue 21's targets ([met] / [MISSED]), then the lines reported without a bound."""
     kind = report.get("profile", "dataset")
+    lines = _cache_hit_target(report) + _throughput_targets(report, ceiling=kind != "seed") + _http_targets(report)
     if kind == "seed":
-        lines = _seed_targets(report)
-    else:
-        lines = _c32_targets(report, demo=kind == "demo") + _c1_targets(report)
-        lines += _rss_target(report) if kind == "demo" else _batching_targets(report)
-        lines += _batch_and_cache_targets(report)
+        lines += _seed_target(report)
+    if kind == "demo":
+        lines += _rss_target(report)
+    lines += _reported_lines(report, ceiling=kind != "seed")
     return ["targets:", *lines] if lines else ["targets: none measured at these concurrencies"]
 
 
-def _seed_targets(report) -> list[str]:
-    lines = []
-    h1 = _get(report, "ragfan-handle", 1)
-    if h1:
-        lines.append(_line("c=1 ragfan-handle p50 <= 310 ms (aim 305)", f"{h1['p50_ms']} ms",
-                           h1["p50_ms"] <= 310, h1["p50_ms"] <= 305))
-    h64, t64 = _get(report, "ragfan-handle", 64), _get(report, "threadpool", 64)
-    if h64 and t64:
-        ratio = h64["qps"] / t64["qps"]
-        lines.append(_line("c=64 ragfan-handle QPS >= 10x threadpool", f"{ratio:.1f}x", ratio >= 10))
-    return lines
+def _cache_hit_target(report) -> list[str]:
+    hit, miss = _get(report, "ragfan-cache-hit", 1), _get(report, "ragfan-cache-miss", 1)
+    if not hit:
+        return []
+    ms = 1000 * hit["cpu_s_per_query"]
+    detail = f"{ms:.2f} ms" + (f" (a miss {1000 * miss['cpu_s_per_query']:.2f} ms)" if miss else "")
+    return [_line("c=1 CPU per cache hit through the handle <= 2.0 ms (aim 1.0)", detail, ms <= 2.0, ms <= 1.0)]
 
 
-def _c32_targets(report, *, demo: bool) -> list[str]:
+def _throughput_targets(report, *, ceiling: bool) -> list[str]:
+    """QPS against compute-limit (when it is a ceiling), against threadpool, and of the result cache."""
     lines = []
-    h32, t32 = _get(report, "ragfan-handle", 32), _get(report, "threadpool", 32)
-    http32 = _get(report, "ragfan-http", 32)
-    limit = next((r for r in report["runs"] if r["system"] == "compute-limit"), None)
+    h32, t32, limit = _get(report, "ragfan-handle", 32), _get(report, "threadpool", 32), _limit(report)
+    if h32 and limit and ceiling:
+        share = h32["qps"] / limit["qps"]
+        lines.append(_line("c=32 ragfan-handle QPS >= 50% of compute-limit (aim 70%)",
+                           f"{share:.0%} ({h32['qps']} vs {limit['qps']} QPS)", share >= 0.5, share >= 0.7))
     if h32 and t32:
         ratio = h32["qps"] / t32["qps"]
-        detail = f"{ratio:.2f}x ({h32['qps']} vs {t32['qps']} QPS)"
-        if demo:
-            lines.append(_line("c=32 ragfan-handle QPS vs threadpool (aim >= 2x)", detail, None, ratio >= 2))
-        else:
-            lines.append(_line("c=32 ragfan-handle QPS >= 1.5x threadpool (aim 2x)", detail, ratio >= 1.5, ratio >= 2))
-    if demo:
-        return lines
-    if h32 and limit:
-        share = h32["qps"] / limit["qps"]
-        lines.append(_line("c=32 ragfan-handle QPS >= 50% of compute-limit (aim 70%)", f"{100 * share:.0f}%",
-                           share >= 0.5, share >= 0.7))
-    if http32 and t32:
-        ratio = http32["qps"] / t32["qps"]
-        lines.append(_line("c=32 ragfan-http QPS >= 1.2x threadpool (aim 1.5x)", f"{ratio:.2f}x",
-                           ratio >= 1.2, ratio >= 1.5))
-    return lines
-
-
-def _c1_targets(report) -> list[str]:
-    lines = []
-    h1, http1, t1 = _get(report, "ragfan-handle", 1), _get(report, "ragfan-http", 1), _get(report, "threadpool", 1)
-    singles = [r for r in report["runs"] if r["system"].startswith("single:")]
-    if h1 and singles:
-        slowest = max(singles, key=lambda r: r["p50_ms"])
-        over = h1["p50_ms"] - slowest["p50_ms"]
-        lines.append(_line("c=1 ragfan-handle p50 <= slowest single p50 + 10 ms (aim +5)",
-                           f"{h1['p50_ms']} ms vs {slowest['p50_ms']} ms ({slowest['system']}), {over:+.1f} ms",
-                           over <= 10, over <= 5))
-    if http1 and t1:
-        over = http1["p50_ms"] - t1["p50_ms"]
-        lines.append(_line("c=1 ragfan-http p50 <= threadpool p50 + 15 ms (aim +8)",
-                           f"{http1['p50_ms']} ms vs {t1['p50_ms']} ms, {over:+.1f} ms", over <= 15, over <= 8))
-    return lines
-
-
-def _batching_targets(report) -> list[str]:
-    lines = []
-    h32, b1 = _get(report, "ragfan-handle", 32), _get(report, "ragfan-handle-batch1", 32)
-    if h32:
-        ratio = h32["p99_ms"] / h32["p50_ms"]
-        lines.append(_line("c=32 ragfan-handle p99 <= 3x p50", f"{ratio:.2f}x", ratio <= 3))
-    if h32 and b1:
-        lines.append(f"  dynamic batching at c=32: {h32['qps'] / b1['qps']:.2f}x the QPS of batch size 1")
-    return lines
-
-
-def _batch_and_cache_targets(report) -> list[str]:
-    """Issue 12's: batch requests against compute-limit; the result cache, hit against miss and on a
-    workload in which 80% of queries repeat."""
-    lines = []
-    limit = next((r for r in report["runs"] if r["system"] == "compute-limit"), None)
-    for system, label, must, aim in (("ragfan-batch", "ragfan-batch (handle)", 0.70, 0.85),
-                                     ("ragfan-batch-http", "ragfan-batch over HTTP", 0.50, 0.70)):
-        run = _get(report, system, BATCH_CLIENTS)
-        if run and limit:
-            share = run["qps"] / limit["qps"]
-            lines.append(_line(f"{label} QPS >= {must:.0%} of compute-limit (aim {aim:.0%})",
-                               f"{share:.0%} ({run['qps']} vs {limit['qps']} QPS)", share >= must, share >= aim))
-    hit, miss = _get(report, "ragfan-cache-hit", 1), _get(report, "ragfan-cache-miss", 1)
-    if hit and miss:
-        ratio = hit["p50_ms"] / miss["p50_ms"]
-        lines.append(_line("c=1 cache hit p50 <= 0.2x miss p50 (aim 0.1x)",
-                           f"{ratio:.2f}x ({hit['p50_ms']} vs {miss['p50_ms']} ms)", ratio <= 0.2, ratio <= 0.1))
+        lines.append(_line("c=32 ragfan-handle QPS >= 2x threadpool (aim 3x)",
+                           f"{ratio:.2f}x ({h32['qps']} vs {t32['qps']} QPS)", ratio >= 2, ratio >= 3))
+    batch = _get(report, "ragfan-batch", BATCH_CLIENTS)
+    if batch and limit and ceiling:
+        share = batch["qps"] / limit["qps"]
+        lines.append(_line(f"ragfan-batch (handle, c={BATCH_CLIENTS}) QPS >= 70% of compute-limit (aim 85%)",
+                           f"{share:.0%} ({batch['qps']} vs {limit['qps']} QPS)", share >= 0.7, share >= 0.85))
     cached, uncached = _get(report, "ragfan-cached", 32), _get(report, "ragfan-zipf-uncached", 32)
     if cached and uncached:
         ratio = cached["qps"] / uncached["qps"]
-        lines.append(_line("c=32 ragfan-cached QPS >= 3x uncached, 80% repeats (aim 4x)",
+        lines.append(_line("c=32 ragfan-cached QPS >= 3x ragfan-zipf-uncached (aim 4x)",
                            f"{ratio:.2f}x ({cached['qps']} vs {uncached['qps']} QPS)", ratio >= 3, ratio >= 4))
     return lines
+
+
+def _http_targets(report) -> list[str]:
+    """What HTTP costs over the handle: latency alone, throughput at c=32."""
+    lines = []
+    h1, http1 = _get(report, "ragfan-handle", 1), _get(report, "ragfan-http", 1)
+    if h1 and http1:
+        over = http1["p50_ms"] - h1["p50_ms"]
+        lines.append(_line("c=1 ragfan-http p50 <= ragfan-handle p50 + 3 ms (aim +1)",
+                           f"{http1['p50_ms']} ms vs {h1['p50_ms']} ms, {over:+.1f} ms", over <= 3, over <= 1))
+    h32, http32 = _get(report, "ragfan-handle", 32), _get(report, "ragfan-http", 32)
+    if h32 and http32:
+        ratio = http32["qps"] / h32["qps"]
+        lines.append(_line("c=32 ragfan-http QPS >= 0.9x ragfan-handle (aim 1.0x)",
+                           f"{ratio:.2f}x ({http32['qps']} vs {h32['qps']} QPS)", ratio >= 0.9, ratio >= 1.0))
+    return lines
+
+
+def _seed_target(report) -> list[str]:
+    h1 = _get(report, "ragfan-handle", 1)
+    if not h1:
+        return []
+    return [_line("c=1 ragfan-handle p50 <= 310 ms (aim 305)", f"{h1['p50_ms']} ms",
+                  h1["p50_ms"] <= 310, h1["p50_ms"] <= 305)]
 
 
 def _rss_target(report) -> list[str]:
@@ -720,8 +738,30 @@ def _rss_target(report) -> list[str]:
         return []
     driver = report["rss_at_rest_mb_by_role"].get("driver", 0)
     app = report["rss_at_rest_mb"] - driver
-    return [_line("RSS at rest of the served app (tree less the bench driver) <= 2800 MB (aim 2000)",
-                  f"{app:,} MB (driver {driver:,} MB more)", app <= 2800, app <= 2000)]
+    return [_line("RSS at rest of the served app (tree less the bench driver) <= 2400 MB (aim 2000)",
+                  f"{app:,} MB (driver {driver:,} MB more)", app <= 2400, app <= 2000)]
+
+
+def _reported_lines(report, *, ceiling: bool) -> list[str]:
+    """Figures worth a line that no target bounds: the fan-out's cost, the tail, batches over HTTP,
+    dynamic batching."""
+    lines = []
+    h32, b1 = _get(report, "ragfan-handle", 32), _get(report, "ragfan-handle-batch1", 32)
+    h1, singles = _get(report, "ragfan-handle", 1), [r for r in report["runs"] if r["system"].startswith("single:")]
+    if h1 and singles:
+        slowest = max(singles, key=lambda r: r["p50_ms"])
+        lines.append(_line("c=1 ragfan-handle p50 vs the slowest retriever alone",
+                           f"{h1['p50_ms']} ms vs {slowest['p50_ms']} ms ({slowest['system']}), "
+                           f"{h1['p50_ms'] - slowest['p50_ms']:+.1f} ms", None))
+    if h32:
+        lines.append(_line("c=32 ragfan-handle p99 vs p50", f"{h32['p99_ms'] / h32['p50_ms']:.2f}x", None))
+    batch_http, limit = _get(report, "ragfan-batch-http", BATCH_CLIENTS), _limit(report)
+    if batch_http and limit and ceiling:
+        lines.append(_line(f"ragfan-batch over HTTP (c={BATCH_CLIENTS}) QPS vs compute-limit",
+                           f"{batch_http['qps'] / limit['qps']:.0%} ({batch_http['qps']} vs {limit['qps']} QPS)", None))
+    if h32 and b1:
+        lines.append(f"  dynamic batching at c=32: {h32['qps'] / b1['qps']:.2f}x the QPS of batch size 1")
+    return lines
 
 
 def main(profile: str | None, dataset: str | None, concurrency: str, duration: float, output: str | None, *,

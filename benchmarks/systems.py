@@ -7,7 +7,10 @@
 - `compute-limit`: the least work that answers the same queries, in-process in batches of 256
   with no serving at all: each query encoded once per distinct model (its vector handed to every
   retriever of that model), each index searched, the answers fused. What this machine can
-  compute: the ceiling for the served systems.
+  compute: the ceiling for the served systems. bench.py runs it once per encoder backend that
+  ragfan ships (the retrievers' own torch model, then `onnx_encoders`) and keeps the faster, so
+  that a ratio to it measures serving overhead, not a slower encoder; `sequential` and
+  `threadpool` keep the shared torch model, as the old design had it.
 
 The served systems (`ragfan-handle`, `ragfan-http`) are the real app; see bench.py.
 """
@@ -19,11 +22,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from actors.base import Retriever
 from actors.data import read_aliases, read_documents, read_triples
 from actors.dense import DenseRetriever
-from actors.embedder import SentenceTransformerEmbedder
+from actors.embedder import DEFAULT_MODEL, DEFAULT_MODEL_NAME, Embedder, SentenceTransformerEmbedder, make_embedder
 from actors.graph import GraphRetriever
 from actors.index import verify
 from actors.keyword import KeywordRetriever
@@ -119,22 +123,58 @@ class ThreadPoolManager:
         self.pool.shutdown()
 
 
+class ComputeLimitRun(NamedTuple):
+    queries: int
+    seconds: float
+    encode_seconds: float  # of `seconds`, the time spent encoding queries
+
+
 def compute_limit(
-    retrievers: Mapping[str, Retriever], queries: Sequence[str], *, batch: int = 256
-) -> tuple[int, float]:
-    """Every query through every retriever in batches of `batch`, then fused; returns (n, seconds)."""
+    retrievers: Mapping[str, Retriever], queries: Sequence[str], *, batch: int = 256,
+    encoders: Mapping[int, Embedder] | None = None,
+) -> ComputeLimitRun:
+    """Every query through every retriever in batches of `batch`, then fused.
+
+    `encoders` replaces a retriever's own embedder (keyed by its `id()`) with another of the same
+    model for the query encoding (`onnx_encoders`); the retrieval work is the same either way, since
+    every retriever then searches with the vectors it is handed.
+    """
     started = time.perf_counter()
+    encoding = 0.0
     for start in range(0, len(queries), batch):
         texts = queries[start : start + batch]
-        chunks = _encoded_once(retrievers, texts)
+        chunks, seconds = _encoded_once(retrievers, texts, encoders or {})
+        encoding += seconds
         answers = {n: r.search(chunks[n]) for n, r in retrievers.items()}
         for i in range(len(texts)):
             _fused({n: a[i] for n, a in answers.items()})
-    return len(queries), time.perf_counter() - started
+    return ComputeLimitRun(len(queries), time.perf_counter() - started, encoding)
 
 
-def _encoded_once(retrievers: Mapping[str, Retriever], texts: Sequence[str]) -> dict[str, list[Query]]:
-    """Each retriever's batch, with one encode per distinct embedder.
+def onnx_encoders(retrievers: Mapping[str, Retriever], *, threads: int | None = None) -> dict[int, Embedder]:
+    """An ONNX embedder of the same model for each distinct embedder the retrievers hold, by its `id()`.
+
+    `threads` is onnxruntime's pool; by default torch's in this process (its default: one per core),
+    so that both backends encode on the same CPUs. The export is made once per model and cached.
+    """
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    embedders = {id(e): e for r in retrievers.values() if (e := getattr(r, "embedder", None)) is not None}
+    return {key: make_embedder(_model_of(e), backend="onnx", threads=threads, device="cpu")
+            for key, e in embedders.items()}
+
+
+def _model_of(embedder: Embedder) -> str:
+    """The configured model behind an embedder's display name: `resolve_model` in reverse."""
+    return DEFAULT_MODEL if embedder.name == DEFAULT_MODEL_NAME else embedder.name
+
+
+def _encoded_once(
+    retrievers: Mapping[str, Retriever], texts: Sequence[str], encoders: Mapping[int, Embedder]
+) -> tuple[dict[str, list[Query]], float]:
+    """Each retriever's batch, with one encode per distinct embedder, and the seconds spent encoding.
 
     Retrievers that share an embedder object (one model) get the same vectors, carried in
     `Query.vector`, so none of them encodes again; those with none (keyword) get the bare text.
@@ -142,10 +182,13 @@ def _encoded_once(retrievers: Mapping[str, Retriever], texts: Sequence[str]) -> 
     plain = [Query(t, TOP_K) for t in texts]
     encoded: dict[int, list[Query]] = {}  # by id(): an embedder need not be hashable
     batches = {}
+    seconds = 0.0
     for name, retriever in retrievers.items():
         embedder = getattr(retriever, "embedder", None)
         if embedder is not None and id(embedder) not in encoded:
-            vectors = embedder.encode(texts)
+            started = time.perf_counter()
+            vectors = encoders.get(id(embedder), embedder).encode(texts)
+            seconds += time.perf_counter() - started
             encoded[id(embedder)] = [Query(t, TOP_K, vector=v) for t, v in zip(texts, vectors, strict=True)]
         batches[name] = plain if embedder is None else encoded[id(embedder)]
-    return batches
+    return batches, seconds
