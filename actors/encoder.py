@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -45,17 +46,12 @@ def encoder_name(model: str) -> str:
     return "encoder-" + hashlib.sha256(resolve_model(model)[0].encode()).hexdigest()[:8]
 
 
-@serve.deployment(logging_config={"enable_access_log": False})
-class EncoderDeployment:
-    def __init__(
-        self,
-        model: str = DEFAULT_MODEL,
-        *,
-        num_cpus: float = 1.0,
-        max_batch_size: int = 256,
-        batch_wait_timeout_s: float = 0.0,
-        backend: str = DEFAULT_ENCODER_BACKEND,
-    ) -> None:
+class QueryEncoder:
+    """One model on one device, with its thread budget: what an encoder replica holds, and what a
+    gateway replica holds with `encoder.placement: gateway`."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, num_cpus: float = 1.0,
+                 backend: str = DEFAULT_ENCODER_BACKEND) -> None:
         self.model = model
         self.device = assigned_device()
         self.backend = effective_backend(backend, self.device)
@@ -71,30 +67,18 @@ class EncoderDeployment:
             # Stay up and say why: the dense retrievers answer `error` with this reason, the rest still answer.
             self.start_error = f"failed to start: {type(exc).__name__}: {exc}"[:500]
             logger.error("encoder for %s %s", model, self.start_error)
-        self.batch_size = ray_instruments(("ragfan_encoder_batch_size",))["ragfan_encoder_batch_size"]
-        # Built per replica so that config sets the batching knobs.
-        self._encode_batch = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)(
-            self._run_batch
-        )
 
     async def encode(self, texts: list[str]) -> np.ndarray:
         """One L2-normalised float32 row per text."""
         if self.embedder is None:
             raise RetrieverFailed(f"encoder for {self.model} {self.start_error}")
-        return await self._encode_batch(texts)
+        return await self._encode_now(texts)
 
-    async def _run_batch(self, calls: list[list[str]]) -> list[np.ndarray]:
-        assert self.embedder is not None  # encode() answers for a replica without a model
-        flat = [text for texts in calls for text in texts]
-        self.batch_size.observe(len(flat), tags={"model": self.model})
+    async def _encode_now(self, texts: list[str]) -> np.ndarray:
+        assert self.embedder is not None  # encode() answers for an encoder without a model
         # The forward pass holds a thread for milliseconds: keep it off the replica's event loop.
         sub_batch = CPU_SUB_BATCH if self.device == "cpu" else GPU_SUB_BATCH
-        vectors = await asyncio.to_thread(self.embedder.encode, flat, batch_size=sub_batch)
-        out, start = [], 0
-        for texts in calls:
-            out.append(vectors[start : start + len(texts)])
-            start += len(texts)
-        return out
+        return await asyncio.to_thread(self.embedder.encode, texts, batch_size=sub_batch)
 
     def describe(self) -> dict[str, Any]:
         base = {"model": resolve_model(self.model)[0], "threads": self.threads,
@@ -102,3 +86,62 @@ class EncoderDeployment:
         if self.embedder is None:
             return {**base, "error": self.start_error}
         return {**base, "dim": self.embedder.dim, "device": self.device, "backend": self.backend}
+
+
+@serve.deployment(logging_config={"enable_access_log": False})
+class EncoderDeployment(QueryEncoder):
+    """`encoder.placement: deployment`: the model in replicas of its own, shared by every gateway replica."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        num_cpus: float = 1.0,
+        max_batch_size: int = 256,
+        batch_wait_timeout_s: float = 0.0,
+        backend: str = DEFAULT_ENCODER_BACKEND,
+    ) -> None:
+        super().__init__(model, num_cpus=num_cpus, backend=backend)
+        self.batch_size = ray_instruments(("ragfan_encoder_batch_size",))["ragfan_encoder_batch_size"]
+        # Built per replica so that config sets the batching knobs.
+        self._encode_batch = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)(
+            self._run_batch
+        )
+
+    async def _encode_now(self, texts: list[str]) -> np.ndarray:
+        return await self._encode_batch(texts)  # merged with what other gateway replicas send at the same moment
+
+    async def _run_batch(self, calls: list[list[str]]) -> list[np.ndarray]:
+        flat = [text for texts in calls for text in texts]
+        self.batch_size.observe(len(flat), tags={"model": self.model})
+        vectors = await super()._encode_now(flat)
+        out, start = [], 0
+        for texts in calls:
+            out.append(vectors[start : start + len(texts)])
+            start += len(texts)
+        return out
+
+
+class _InProcess:
+    """A coroutine method called the way a Serve handle's is: `.remote(...)` gives a cancellable awaitable."""
+
+    def __init__(self, method: Callable[..., Awaitable[Any]]) -> None:
+        self._method = method
+
+    def remote(self, *args: Any) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(self._method(*args))
+
+
+class GatewayEncoder:
+    """`encoder.placement: gateway`: a QueryEncoder in the gateway replica, reached as its deployment's
+    handle is (`encode.remote(texts)`, `describe.remote()`), so the gateway's encoder lanes batch for it
+    the same way. It saves a hop per request and a process; each gateway replica holds its own model."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, *, num_cpus: float = 1.0,
+                 backend: str = DEFAULT_ENCODER_BACKEND) -> None:
+        self.encoder = QueryEncoder(model, num_cpus=num_cpus, backend=backend)
+        self.encode = _InProcess(self.encoder.encode)
+        self.describe = _InProcess(self._describe)
+
+    async def _describe(self) -> dict[str, Any]:
+        return self.encoder.describe() | {"placement": "gateway"}

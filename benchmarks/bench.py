@@ -320,7 +320,9 @@ def _app_config(profile: str, artifacts: Path | None, batch: int) -> dict[str, A
 
 def served_config(profile: str, artifacts: Path | None, batch: int, encoder: str = "shared", *,
                   cache: bool = False) -> AppConfig:
-    """`encoder`: where the served dense and graph retrievers encode queries, `shared` or `local`.
+    """`encoder`: where the served dense and graph retrievers' queries are encoded: `shared` (once, on
+    the encoder deployment), `gateway` (once, inside the gateway replica: `encoder.placement: gateway`)
+    or `local` (each retriever with a model of its own).
 
     Without `cache` the result cache is off, so every served query is searched, as the in-process
     systems search it; only the `ragfan-cached` runs turn it on (the embedded default's memory cache).
@@ -328,7 +330,9 @@ def served_config(profile: str, artifacts: Path | None, batch: int, encoder: str
     raw = _app_config(profile, artifacts, batch) | ({} if cache else {"cache": None})
     for r in raw["retrievers"]:
         if r["kind"] in ("dense", "graph"):
-            r["encoder"] = encoder
+            r["encoder"] = "local" if encoder == "local" else "shared"
+    if encoder != "local":
+        raw["encoder"] = raw.get("encoder", {}) | {"placement": "gateway" if encoder == "gateway" else "deployment"}
     # The demo's data paths are relative to its config file, as `load_config` resolves them.
     base_dir = DEFAULT_CONFIG.parent if profile == "demo" else Path(".")
     return parse_config(raw, base_dir=base_dir)

@@ -107,7 +107,8 @@ def medians(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return out
 
 
-def run(dataset: Path, rounds: int, pyspy: bool, *, log_searches: bool = False) -> dict[str, Any]:
+def run(dataset: Path, rounds: int, pyspy: bool, *, log_searches: bool = False,
+        encoder: str = "shared") -> dict[str, Any]:
     import ray
     from ray import serve
 
@@ -124,7 +125,7 @@ def run(dataset: Path, rounds: int, pyspy: bool, *, log_searches: bool = False) 
         ingest(dataset / "corpus.jsonl", artifacts, kinds=("dense", "keyword"), progress=False)  # reuses eval's
         port = 8000 + os.getpid() % 1000
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = served_config("dataset", artifacts, 32, cache=True)
+        config = served_config("dataset", artifacts, 32, encoder, cache=True)
         config.gateway.log_searches = log_searches
         handle = serve.run(app_from_config(config), name="ragfan-bench", route_prefix="/bench")
         url = f"http://127.0.0.1:{port}/bench/v1/search"
@@ -137,7 +138,7 @@ def run(dataset: Path, rounds: int, pyspy: bool, *, log_searches: bool = False) 
         serve.delete("ragfan-bench")
     finally:
         ray.shutdown()
-    return {"benchmark": "request_cost", "dataset": str(dataset), "log_searches": log_searches,
+    return {"benchmark": "request_cost", "dataset": str(dataset), "log_searches": log_searches, "encoder": encoder,
             "rounds": all_rounds, "median": medians(all_rounds),
             "pyspy": profiles, "machine": machine(), "versions": versions()}
 
@@ -159,8 +160,10 @@ def main() -> None:
     parser.add_argument("--pyspy", metavar="FILE", help="also profile hits with py-spy; the summary goes here")
     parser.add_argument("--log-searches", action="store_true", help="the gateway logs a line per search, as "
                         "before gateway.log_searches existed (its default is off)")
+    parser.add_argument("--encoder", choices=["shared", "gateway"], default="shared",
+                        help="queries encoded on the encoder deployment (shared) or inside the gateway replica")
     args = parser.parse_args()
-    report = run(args.dataset, args.rounds, bool(args.pyspy), log_searches=args.log_searches)
+    report = run(args.dataset, args.rounds, bool(args.pyspy), log_searches=args.log_searches, encoder=args.encoder)
     print(format_table(report))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=1) + "\n")

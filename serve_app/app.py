@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache, partial
 from pathlib import Path
@@ -30,7 +30,7 @@ from ray.serve import Application, Deployment
 
 import actors
 from actors.deployment import RetrieverDeployment
-from actors.encoder import EncoderDeployment, encoder_name
+from actors.encoder import EncoderDeployment, GatewayEncoder, encoder_name
 from actors.metrics import ray_instruments
 from actors.versions import VersionHub, log_dir
 from actors.writes import WriteHub
@@ -65,6 +65,7 @@ class GatewayDeployment(Gateway):
     ) -> None:
         telemetry = Telemetry.of(config, instruments=ray_instruments()) if config.gateway.metrics else None
         context = serve.get_replica_context()
+        encoders = {**(encoders or {}), **_gateway_encoders(config, {})}
         super().__init__(config, retrievers, encoders, telemetry=telemetry, stats_hub=stats_hub,
                          replica=context.replica_id.unique_id, versions=versions,
                          live=partial(live_replicas, context.app_name))
@@ -93,10 +94,11 @@ class GatewayDeployment(Gateway):
             else [serve.get_deployment_handle(d, self.app_name) for d in r.deployment_names()]
             for r in config.retrievers
         } if config.enabled else {}
+        kept = {m: lane.handle for m, lane in encoders.items() if config.encoder == self.config.encoder}
         models = {
-            m: encoders[m].handle if m in encoders else serve.get_deployment_handle(encoder_name(m), self.app_name)
-            for m in config.shared_models
-        } if config.enabled else {}
+            m: kept[m] if m in kept else serve.get_deployment_handle(encoder_name(m), self.app_name)
+            for m in config.encoder_deployments
+        } | _gateway_encoders(config, kept) if config.enabled else {}
         self.configure(config, handles, models)
         self._watch()
         logger.info("gateway: applied a changed config: %d retrievers (%s)", len(config.retrievers),
@@ -136,23 +138,34 @@ class GatewayDeployment(Gateway):
         return build_api(self, key_digests=self.api_key_digests)
 
 
-# Every retriever replica and gateway replica holds one long call here at all times (VersionHub.sync),
-# so the limit is far above the replica count; each call costs an idle coroutine.
+# The app's hub: one small replica that every other one reaches.
+# - It holds the VersionHub: which index version each retriever deployment serves (actors/versions.py).
+#   Every retriever replica and gateway replica holds one long call here at all times (VersionHub.sync),
+#   so the limit is far above the replica count; each call costs an idle coroutine.
+# - It also holds the StatsHub behind GET /v1/stats (serve_app/telemetry.py): each gateway replica pushes
+#   to it every PUSH_INTERVAL_S. It had a deployment of its own until issue 21: a Serve replica costs
+#   about 140 MB of memory at rest, and this work fits in an idle coroutine of the hub.
 @serve.deployment(name="versions", num_replicas=1, ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=10_000,
                   logging_config={"enable_access_log": False})
-class VersionsDeployment(VersionHub):
-    """The app's one VersionHub: which index version each retriever deployment serves (actors/versions.py)."""
+class VersionsDeployment(VersionHub, StatsHub):
+    """The app's hub: its VersionHub, and its StatsHub."""
+
+    def __init__(self) -> None:
+        VersionHub.__init__(self)
+        StatsHub.__init__(self)
 
 
 @serve.deployment(name="versions", num_replicas=1, ray_actor_options={"num_cpus": 0.05}, max_ongoing_requests=10_000,
                   logging_config={"enable_access_log": False})
-class WritesDeployment(WriteHub):
-    """The VersionHub of an app with live writes: it also orders, logs and merges them (actors/writes.py)."""
+class WritesDeployment(WriteHub, StatsHub):
+    """The hub of an app with live writes: a VersionHub that also orders, logs and merges them
+    (actors/writes.py), and the StatsHub."""
 
     def __init__(self, log_dir: str, deployments: list[str], *, max_docs: int, max_age_s: float) -> None:
         app = serve.get_replica_context().app_name
-        super().__init__(Path(log_dir), deployments, max_docs=max_docs, max_age_s=max_age_s,
-                         live=partial(live_replicas, app), replica=lambda d: serve.get_deployment_handle(d, app))
+        WriteHub.__init__(self, Path(log_dir), deployments, max_docs=max_docs, max_age_s=max_age_s,
+                          live=partial(live_replicas, app), replica=lambda d: serve.get_deployment_handle(d, app))
+        StatsHub.__init__(self)
         self._merging = asyncio.get_running_loop().create_task(self.merge_forever())
 
 
@@ -173,8 +186,8 @@ async def live_replicas(app: str, deployment: str) -> list[str]:
 @serve.deployment(name="stats", num_replicas=1, ray_actor_options={"num_cpus": 0.05},
                   logging_config={"enable_access_log": False})
 class StatsDeployment(StatsHub):
-    """The app's one StatsHub. Each gateway replica reaches it once per PUSH_INTERVAL_S, plus once per
-    read of /v1/stats, so a small share of a CPU is plenty."""
+    """The StatsHub of a disabled app, which runs no hub: only its gateway. Each gateway replica
+    reaches it once per PUSH_INTERVAL_S, plus once per read of /v1/stats."""
 
 
 # Ray Serve settings every process of a ragfan cluster should run with. They are read when Serve's
@@ -227,6 +240,16 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return app_from_config(config)
 
 
+def _gateway_encoders(config: AppConfig, kept: Mapping[str, Any]) -> dict[str, Any]:
+    """With `encoder.placement: gateway`, a model per shared model in this gateway replica (those in
+    `kept` are reused); with `deployment`, none."""
+    if config.encoder.placement != "gateway" or not config.enabled:
+        return {}
+    enc = config.encoder
+    return {m: kept[m] if m in kept else GatewayEncoder(m, num_cpus=enc.ray_actor_options.num_cpus, backend=enc.backend)
+            for m in config.shared_models}
+
+
 def _deployment(decorated: Any) -> Deployment:
     """What `@serve.deployment` made of a class: a Deployment (Ray's type hints say it stays the class)."""
     return decorated
@@ -256,7 +279,7 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
                     name=name, ray_actor_options=r.ray_actor_options.to_ray(), **r.serve_options()
                 ), spec.model_dump_json(), args).bind(spec, **args, versions=versions))
         enc = config.encoder
-        for model in config.shared_models:  # one encoder per model that `encoder: shared` retrievers use
+        for model in config.encoder_deployments:  # one encoder per model that `encoder: shared` retrievers use
             options: dict[str, Any] = {
                 "num_cpus": enc.ray_actor_options.num_cpus, "max_batch_size": enc.batch.max_batch_size,
                 "batch_wait_timeout_s": enc.batch.batch_wait_timeout_s, "backend": enc.backend,
@@ -270,11 +293,13 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
     # them is applied by `reconfigure`, with no restart. Its own settings and keys are its code version.
     gateway = _versioned(_deployment(GatewayDeployment).options(
         name="gateway",
-        ray_actor_options=config.gateway.ray_actor_options.to_ray(),
+        ray_actor_options=config.gateway_actor_options().to_ray(),
         **config.gateway.serve_options(),
         user_config={"config": config.model_dump(mode="json")},
     ), config.gateway.model_dump_json(), config.enabled, [d.hex() for d in digests])
-    hub = _versioned(_deployment(StatsDeployment)).bind() if config.gateway.metrics else None
+    hub = None
+    if config.gateway.metrics:  # the app's hub holds the stats too; a disabled app has none, so a replica of their own
+        hub = versions if versions is not None else _versioned(_deployment(StatsDeployment)).bind()
     return gateway.bind(config, handles, encoders, stats_hub=hub, api_key_digests=digests, versions=versions)
 
 

@@ -95,8 +95,10 @@ def deployments(config: AppConfig) -> set[str]:
     """The names of the deployments the app of `config` runs."""
     from actors.encoder import encoder_name
 
-    names = {"gateway", *(["stats"] if config.gateway.metrics else [])}
+    names = {"gateway"}
+    if not config.enabled and config.gateway.metrics:  # an enabled app's hub (`versions`) holds the stats
+        names.add("stats")
     if config.enabled:
-        names |= {"versions", *(encoder_name(m) for m in config.shared_models),
+        names |= {"versions", *(encoder_name(m) for m in config.encoder_deployments),
                   *(d for r in config.retrievers for d in r.deployment_names())}
     return names

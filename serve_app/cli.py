@@ -165,9 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          help="py-spy every served process for SECONDS (at most --duration) during the c=32 "
                               "ragfan-handle run, and summarise where each spends its time (needs root)")
     bench_p.add_argument("--pyspy-output", metavar="FILE", help="write the py-spy summary (markdown) here")
-    bench_p.add_argument("--encoder", choices=["shared", "local"], default="shared",
-                         help="the served dense and graph retrievers encode queries on the shared encoder "
-                              "deployment (default) or each with a model of its own, to compare the two")
+    bench_p.add_argument("--encoder", choices=["shared", "gateway", "local"], default="shared",
+                         help="where the served app encodes queries: once, on the encoder deployment (shared, "
+                              "the default); once, inside the gateway replica (gateway: encoder.placement: "
+                              "gateway); or in each dense and graph retriever, with a model of its own (local)")
 
     args = parser.parse_args(argv)
     commands = {"serve": serve, "query": query, "reload": reload_command, "apply": apply_command,
@@ -208,12 +209,15 @@ def serve(args: argparse.Namespace) -> int:
     if own_cluster:
         # Enough logical CPUs for every replica at its maximum, and the custom resources the config
         # asks for (a cluster config's `dense: 1`, say): on one machine, this node offers them all.
-        deployments = [config.gateway, *config.retrievers, *[config.encoder] * len(config.shared_models)]
-        needed = sum(d.ray_actor_options.num_cpus * d.most_replicas for d in deployments)
+        deployments = [(config.gateway_actor_options(), config.gateway.most_replicas),
+                       *[(d.ray_actor_options, d.most_replicas) for d in config.retrievers],
+                       *[(config.encoder.ray_actor_options, config.encoder.most_replicas)]
+                       * len(config.encoder_deployments)]
+        needed = sum(options.num_cpus * replicas for options, replicas in deployments)
         custom: dict[str, float] = {}
-        for d in deployments:
-            for key, amount in (d.ray_actor_options.resources or {}).items():
-                custom[key] = custom.get(key, 0.0) + amount * d.most_replicas
+        for options, replicas in deployments:
+            for key, amount in (options.resources or {}).items():
+                custom[key] = custom.get(key, 0.0) + amount * replicas
         metrics = {"_metrics_export_port": args.metrics_port} if args.metrics_port else {}
         with serve_env():
             ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), resources=custom or None,

@@ -342,6 +342,11 @@ class EncoderConfig(ScalingConfig):
         DEFAULT_ENCODER_BACKEND, description="what runs the model on the CPU: onnx (onnxruntime, the model "
         "exported once and cached) or torch (sentence-transformers); a replica with num_gpus runs torch"
     )
+    placement: Literal["deployment", "gateway"] = Field(
+        "deployment", description="deployment: each model in replicas of its own, shared by every gateway "
+        "replica; gateway: each gateway replica holds the model and encodes in-process (one hop and one "
+        "process fewer; the gateway then declares this section's CPUs and memory on top of its own)"
+    )
 
 
 class MemoryCacheConfig(_Strict):
@@ -456,8 +461,26 @@ class AppConfig(_Strict):
 
     @property
     def shared_models(self) -> list[str]:
-        """The models that need an encoder deployment, in the order retrievers name them."""
+        """The models whose queries the gateway encodes once for every retriever that uses them (on
+        their encoder deployment, or in the gateway replica), in the order retrievers name them."""
         return list(dict.fromkeys(r.encoder_model for r in self.retrievers if r.encoder_model))
+
+    @property
+    def encoder_deployments(self) -> list[str]:
+        """The models that run an encoder deployment of their own (`encoder.placement: deployment`)."""
+        return self.shared_models if self.encoder.placement == "deployment" else []
+
+    def gateway_actor_options(self) -> ActorOptions:
+        """What a gateway replica declares: its own resources, and with `encoder.placement: gateway`
+        the encoder's for each model it holds."""
+        own = self.gateway.ray_actor_options
+        models = len(self.shared_models) if self.encoder.placement == "gateway" else 0
+        if not models:
+            return own
+        enc = self.encoder.ray_actor_options
+        memory = None if own.memory is None and enc.memory is None else (own.memory or 0) + models * (enc.memory or 0)
+        return own.model_copy(update={"num_cpus": own.num_cpus + models * enc.num_cpus, "memory": memory,
+                                      "num_gpus": own.num_gpus + models * enc.num_gpus})
 
 
 def _quoted(kinds: list[str]) -> str:

@@ -426,13 +426,13 @@ HUBS_CPUS = 0.1
 def _check_free_cpus(config: AppConfig, where: str, free: dict[str, float]) -> None:
     """Raise RagError at once when a joined cluster lacks the CPUs the eval app's replicas ask for:
     Serve would wait for them forever, with no word."""
-    needed = config.gateway.ray_actor_options.num_cpus * config.gateway.most_replicas
-    needed += len(config.shared_models) * config.encoder.ray_actor_options.num_cpus * config.encoder.most_replicas
+    needed = config.gateway_actor_options().num_cpus * config.gateway.most_replicas
+    needed += len(config.encoder_deployments) * config.encoder.ray_actor_options.num_cpus * config.encoder.most_replicas
     needed += sum(r.ray_actor_options.num_cpus * r.most_replicas * r.shards for r in config.retrievers)
     needed = round(needed + HUBS_CPUS, 2)
     available = round(free.get("CPU", 0.0), 2)
     if available < needed:
-        encoders = f", {len(config.shared_models)} encoder" if config.shared_models else ""
+        encoders = f", {len(config.encoder_deployments)} encoder" if config.encoder_deployments else ""
         raise RagError(f"{where} has {available:g} CPUs free, and ragfan eval's app needs {needed:g} (its gateway"
                        f"{encoders} and the replicas of {', '.join(config.names)}); running apps hold the rest. "
                        "Stop one (`make serve`, `ragfan serve`), add a node, or run `ragfan eval` without "

@@ -467,12 +467,14 @@ class Gateway:
 
     async def _encoders(self) -> list[EncoderInfo]:
         lanes = list(self.encoders.values())
+        in_deployment = self.config.encoder.placement == "deployment"
         infos = []
         for lane, o in zip(lanes, await asyncio.gather(*(lane.describe() for lane in lanes)), strict=True):
             detail = o.value if o.status == "ok" else None
             error = (detail or {}).get("error") or (None if detail else o.error)
             infos.append(EncoderInfo(
-                name=encoder_name(lane.model), model=lane.model, healthy=detail is not None and error is None,
+                name=encoder_name(lane.model) if in_deployment else "gateway", model=lane.model,
+                healthy=detail is not None and error is None,
                 detail=detail, error=error,
                 used_by=[r.name for r in self.config.retrievers if r.encoder_model == lane.model],
             ))

@@ -268,7 +268,8 @@ class WriteResponse(BaseModel):
 
 
 class EncoderInfo(BaseModel):
-    name: str = Field(description="the encoder deployment: `encoder` for the default model")
+    name: str = Field(description="the encoder deployment (`encoder` for the default model), or `gateway` "
+                      "where gateway replicas encode (encoder.placement: gateway)")
     model: str
     healthy: bool
     detail: dict[str, Any] | None = Field(None, description="what the replica reports: model, dim, device")

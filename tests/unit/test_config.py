@@ -241,3 +241,28 @@ def test_the_encoder_backend_reaches_the_encoder_deployment(backend):
     gateway = app_from_config(config, api_keys=[])._bound_deployment
     encoder = gateway.init_args[2]["default"]._bound_deployment  # the gateway's encoders, by model
     assert encoder.init_kwargs["backend"] == backend
+
+
+def test_with_the_encoder_in_the_gateway_the_app_runs_no_encoder_deployment_and_the_gateway_declares_its_cpus():
+    from serve_app.app import app_from_config
+    from serve_app.apply import deployments
+
+    raw = {"gateway": {"ray_actor_options": {"num_cpus": 0.2, "memory": "256MiB"}},
+           "encoder": {"ray_actor_options": {"num_cpus": 0.5, "memory": "1GiB"}},
+           "retrievers": [{"name": "d", "kind": "dense", "data": "d.jsonl"},
+                          {"name": "e", "kind": "dense", "data": "e.jsonl", "model": "sentence-transformers/other"}]}
+    apart = parse_config(raw, base_dir=Path("."))
+    inside = parse_config(raw | {"encoder": raw["encoder"] | {"placement": "gateway"}}, base_dir=Path("."))
+    assert apart.encoder.placement == "deployment"  # the default
+    assert apart.encoder_deployments == apart.shared_models == inside.shared_models
+    assert len(inside.shared_models) == 2 and inside.encoder_deployments == []
+    assert apart.gateway_actor_options() == apart.gateway.ray_actor_options
+    options = inside.gateway_actor_options()  # its own, and the encoder's for each of the two models
+    assert options.num_cpus == pytest.approx(0.2 + 2 * 0.5) and options.memory == 2**28 + 2 * 2**30
+    assert inside.gateway.ray_actor_options.num_cpus == 0.2  # the config itself is left as written
+    assert {"encoder", "d", "e"} <= deployments(apart) and not any(n.startswith("encoder") for n in deployments(inside))
+    assert "stats" not in deployments(apart)  # the hub (`versions`) holds the stats of an enabled app
+    gateway = app_from_config(inside, api_keys=[])._bound_deployment
+    assert gateway.init_args[2] == {}  # no encoder handles: the replica builds its own GatewayEncoders
+    assert gateway._deployment_config.user_config["config"]["encoder"]["placement"] == "gateway"
+    assert gateway.ray_actor_options["num_cpus"] == pytest.approx(1.2)
