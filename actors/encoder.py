@@ -4,10 +4,13 @@ Without it, each dense retriever (and the graph's entity linking) loads the same
 the same query again. With it, the gateway sends each query's text here once, gets one vector, and
 passes it on to every retriever of that model, which then needs no torch at all.
 
-One deployment per distinct model (`encoder` for the default model, `encoder-<hash>` for another).
-Calls carry lists of texts, since the gateway already groups concurrent requests; `@serve.batch`
-merges what several gateway replicas send at the same moment. Put it on a GPU with
-`encoder.ray_actor_options.num_gpus` in the config.
+Where it runs is `encoder.placement`:
+- `deployment`: one deployment per distinct model (`encoder` for the default model, `encoder-<hash>`
+  for another). Calls carry lists of texts, since the gateway already groups concurrent requests;
+  `@serve.batch` merges what several gateway replicas send at the same moment. Put it on a GPU with
+  `encoder.ray_actor_options.num_gpus` in the config.
+- `gateway`: each gateway replica holds a `GatewayEncoder` per model and encodes in-process, on a
+  worker thread: one process and one actor call per request fewer.
 
 `encoder.backend` picks what runs the model on the CPU: `onnx` (the default: onnxruntime, two thirds
 of torch's CPU for a lone query, the same vectors, and no torch in the replica) or `torch`. A replica

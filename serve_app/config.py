@@ -342,8 +342,10 @@ class EncoderConfig(ScalingConfig):
         DEFAULT_ENCODER_BACKEND, description="what runs the model on the CPU: onnx (onnxruntime, the model "
         "exported once and cached) or torch (sentence-transformers); a replica with num_gpus runs torch"
     )
+    # gateway by default: on SciFact it cut a query's CPU by 17% and its c=1 p50 by 6 ms, with QPS at c=32
+    # no lower, and one process (~170 MB) fewer (docs/BENCHMARKS.md, "Where the encoder runs").
     placement: Literal["deployment", "gateway"] = Field(
-        "deployment", description="deployment: each model in replicas of its own, shared by every gateway "
+        "gateway", description="deployment: each model in replicas of its own, shared by every gateway "
         "replica; gateway: each gateway replica holds the model and encodes in-process (one hop and one "
         "process fewer; the gateway then declares this section's CPUs and memory on top of its own)"
     )

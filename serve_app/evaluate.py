@@ -418,9 +418,9 @@ def evaluate(
     }
 
 
-# The app's own small deployments, besides the gateway, the encoders and the retrievers: the version
-# hub and the stats hub (serve_app/app.py), 0.05 CPU each.
-HUBS_CPUS = 0.1
+# The app's own small deployment, besides the gateway, the encoders and the retrievers: its hub of
+# versions and stats (serve_app/app.py).
+HUBS_CPUS = 0.05
 
 
 def _check_free_cpus(config: AppConfig, where: str, free: dict[str, float]) -> None:
@@ -432,7 +432,8 @@ def _check_free_cpus(config: AppConfig, where: str, free: dict[str, float]) -> N
     needed = round(needed + HUBS_CPUS, 2)
     available = round(free.get("CPU", 0.0), 2)
     if available < needed:
-        encoders = f", {len(config.encoder_deployments)} encoder" if config.encoder_deployments else ""
+        encoders = f", {len(config.encoder_deployments)} encoder" if config.encoder_deployments else \
+            " with its encoder" if config.shared_models else ""
         raise RagError(f"{where} has {available:g} CPUs free, and ragfan eval's app needs {needed:g} (its gateway"
                        f"{encoders} and the replicas of {', '.join(config.names)}); running apps hold the rest. "
                        "Stop one (`make serve`, `ragfan serve`), add a node, or run `ragfan eval` without "

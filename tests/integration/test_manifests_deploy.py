@@ -26,7 +26,7 @@ def test_the_manifest_application_answers_a_search(base_url, http):
 def test_the_deployed_application_is_the_one_the_manifest_names(base_url):
     app = manifest_application()
     config = load_config(ROOT / app["args"]["config"])
-    assert set(serve.status().applications[app["name"]].deployments) == {"gateway", "stats", "versions", "encoder",
+    assert set(serve.status().applications[app["name"]].deployments) == {"gateway", "versions", "encoder",
                                                                            *config.names}
 
     def running_and_healthy() -> bool:  # an earlier test may have just had a replica killed and replaced

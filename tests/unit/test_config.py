@@ -236,8 +236,8 @@ def test_every_deployment_setting_the_config_accepts_serve_accepts_too(where):
 def test_the_encoder_backend_reaches_the_encoder_deployment(backend):
     from serve_app.app import app_from_config
 
-    config = parse_config({"encoder": {"backend": backend}, "retrievers": [{"name": "d", "kind": "dense",
-                                                                              "data": "d.jsonl"}]}, base_dir=Path("."))
+    config = parse_config({"encoder": {"backend": backend, "placement": "deployment"},
+                           "retrievers": [{"name": "d", "kind": "dense", "data": "d.jsonl"}]}, base_dir=Path("."))
     gateway = app_from_config(config, api_keys=[])._bound_deployment
     encoder = gateway.init_args[2]["default"]._bound_deployment  # the gateway's encoders, by model
     assert encoder.init_kwargs["backend"] == backend
@@ -251,9 +251,9 @@ def test_with_the_encoder_in_the_gateway_the_app_runs_no_encoder_deployment_and_
            "encoder": {"ray_actor_options": {"num_cpus": 0.5, "memory": "1GiB"}},
            "retrievers": [{"name": "d", "kind": "dense", "data": "d.jsonl"},
                           {"name": "e", "kind": "dense", "data": "e.jsonl", "model": "sentence-transformers/other"}]}
-    apart = parse_config(raw, base_dir=Path("."))
-    inside = parse_config(raw | {"encoder": raw["encoder"] | {"placement": "gateway"}}, base_dir=Path("."))
-    assert apart.encoder.placement == "deployment"  # the default
+    apart = parse_config(raw | {"encoder": raw["encoder"] | {"placement": "deployment"}}, base_dir=Path("."))
+    inside = parse_config(raw, base_dir=Path("."))
+    assert inside.encoder.placement == "gateway"  # the default
     assert apart.encoder_deployments == apart.shared_models == inside.shared_models
     assert len(inside.shared_models) == 2 and inside.encoder_deployments == []
     assert apart.gateway_actor_options() == apart.gateway.ray_actor_options

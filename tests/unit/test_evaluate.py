@@ -178,8 +178,8 @@ def test_eval_on_a_cluster_without_the_cpus_it_needs_says_so_at_once(beir, monke
     from serve_app import evaluate as ev
 
     ray = FakeRay(monkeypatch, free_cpus=0.5)
-    # the gateway 0.25, the shared encoder 0.5, dense and keyword 0.5 each, the hubs 0.1
-    with pytest.raises(RagError, match=r"0.5 CPUs free.*needs 1.85 \(its gateway, 1 encoder and the replicas of "
+    # the gateway 0.25 and the shared encoder in it 0.5, dense and keyword 0.5 each, the hub 0.05
+    with pytest.raises(RagError, match=r"0.5 CPUs free.*needs 1.8 \(its gateway with its encoder and the replicas of "
                                        r"dense, keyword\)"):
         ev.evaluate(beir, address="auto")
     assert ray.calls == ["ray.init auto", "ray.shutdown"]  # nothing started, nothing deleted

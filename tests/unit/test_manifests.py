@@ -228,6 +228,7 @@ def _comparable(config: AppConfig) -> dict[str, Any]:
         r["ray_actor_options"].pop("resources")
         for key in ("num_replicas", "autoscaling_config"):
             r.pop(key)
+    dump["encoder"].pop("placement")  # a cluster gives the encoder replicas, pods and a GPU of its own
     return dump
 
 
