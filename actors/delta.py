@@ -28,7 +28,6 @@ replays the log from the record after.
 
 from __future__ import annotations
 
-import base64
 import math
 import threading
 from collections import Counter, defaultdict
@@ -47,15 +46,7 @@ from actors.keyword import KeywordRetriever
 from actors.shards import merge
 from actors.sources import PARENT
 from actors.types import CancelToken, Document, Hit, Query, matches
-from actors.wal import LogReader
-
-
-def decode_vector(text: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), dtype=np.float32)
-
-
-def encode_vector(vector: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).decode("ascii")
+from actors.wal import LogReader, decode_vector, encode_vector  # noqa: F401  (encode_vector: re-exported)
 
 
 class LiveRetriever:

@@ -212,17 +212,19 @@ def query_vectors(embedder: Embedder, queries: Sequence[Query], dim: int) -> np.
     return out
 
 
-def limit_threads(num_cpus: float, *, torch: bool = True) -> int:
+def limit_threads(num_cpus: float, *, torch: bool = True, faiss: bool = True) -> int:
     """Match FAISS's (and, with `torch`, torch's) thread pools to the CPUs a replica declared.
 
     `torch=False` for replicas that hold no model: importing torch costs a few hundred MB of RSS.
+    `faiss=False` for replicas that hold no index (an encoder): importing FAISS costs about 13 MB.
     """
     threads = max(1, int(num_cpus))
     if torch:
         import torch as _torch
 
         _torch.set_num_threads(threads)
-    import faiss
+    if faiss:
+        import faiss as _faiss
 
-    faiss.omp_set_num_threads(threads)
+        _faiss.omp_set_num_threads(threads)
     return threads

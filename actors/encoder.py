@@ -59,7 +59,7 @@ class QueryEncoder:
         self.device = assigned_device()
         self.backend = effective_backend(backend, self.device)
         # torch's thread pool is sized only where torch runs: importing it costs a few hundred MB.
-        self.threads = limit_threads(num_cpus, torch=self.backend == "torch")
+        self.threads = limit_threads(num_cpus, torch=self.backend == "torch", faiss=False)
         self.start_error: str | None = None
         self.embedder: Embedder | None = None
         try:

@@ -26,6 +26,7 @@ applies the very vectors the first one did. Plain Python: no numpy, no Ray.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -33,8 +34,19 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 SEGMENT = re.compile(r"(\d{12})\.jsonl")
 SEGMENT_MAX_BYTES = 64 << 20  # a segment this large is closed and the next one started
+
+
+def encode_vector(vector: np.ndarray) -> str:
+    """A vector as the log stores it: float32 bytes in base64."""
+    return base64.b64encode(np.ascontiguousarray(vector, dtype=np.float32).tobytes()).decode("ascii")
+
+
+def decode_vector(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=np.float32)
 
 
 def _segment_name(first_seq: int) -> str:

@@ -29,7 +29,6 @@ from ray import serve
 from ray.serve import Application, Deployment
 
 import actors
-from actors.deployment import RetrieverDeployment
 from actors.encoder import EncoderDeployment, GatewayEncoder, encoder_name
 from actors.metrics import ray_instruments
 from actors.versions import VersionHub, log_dir
@@ -257,6 +256,10 @@ def _deployment(decorated: Any) -> Deployment:
 
 def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> Application:
     """The app for `config`. API keys: `api_keys`, else RAGFAN_API_KEYS and gateway.api_keys_file."""
+    # Imported here, not at the top: the gateway's and the hub's replicas import this module, and the
+    # retriever kinds bring FAISS, SciPy and bm25s, about 35 MB a process that never searches.
+    from actors.deployment import RetrieverDeployment
+
     handles: dict[str, list[Any]] = {}
     encoders: dict[str, Any] = {}
     versions = None

@@ -17,11 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from actors.delta import encode_vector
 from actors.embedder import resolve_model
 from actors.errors import Conflict, InvalidRequest, PayloadTooLarge, RagError, ServiceUnavailable
 from actors.shards import shard_of
 from actors.types import filter_text
+from actors.wal import encode_vector
 from serve_app.config import AppConfig, RetrieverConfig
 from serve_app.lanes import EncoderLane
 from serve_app.schemas import DeleteRequest, UpsertRequest, WriteResponse
