@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +36,25 @@ QUERY = {"query": "what does the knowledge graph say about insulin?", "top_k": 5
 GIVE_UP_S = 300.0
 
 
-def _rss_by_role(root: psutil.Process) -> dict[str, float]:
-    rss: dict[str, float] = defaultdict(float)
+def _by_role(root: psutil.Process, measure: Callable[[psutil.Process], float]) -> dict[str, float]:
+    """`measure` of `ragfan serve` and each process under it, summed per role."""
+    total: dict[str, float] = defaultdict(float)
     for p in [root, *root.children(recursive=True)]:
         try:
             role = "ragfan serve" if p.pid == root.pid else role_of(" ".join([p.name(), *p.cmdline()]))
-            rss[role] += p.memory_info().rss / 2**20
+            total[role] += measure(p)
         except psutil.Error:
             pass
-    return {role: round(mb) for role, mb in sorted(rss.items())}
+    return dict(sorted(total.items()))
+
+
+def _rss_mb(p: psutil.Process) -> float:
+    return p.memory_info().rss / 2**20
+
+
+def _cpu_s(p: psutil.Process) -> float:
+    t = p.cpu_times()
+    return t.user + t.system
 
 
 def _first_all_ok(url: str, proc: subprocess.Popen, started: float) -> tuple[float, dict[str, str]]:
@@ -74,8 +85,10 @@ def one_run(port: int, settle_s: float, config: str | None = None) -> dict[str, 
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         ready_s, first = _first_all_ok(f"http://127.0.0.1:{port}/v1/search", proc, started)
+        # what each role had spent to get there: on 2 cores, start-up is mostly CPU
+        cpu = {role: round(s, 1) for role, s in _by_role(psutil.Process(proc.pid), _cpu_s).items()}
         time.sleep(settle_s)
-        rss = _rss_by_role(psutil.Process(proc.pid))
+        rss = {role: round(mb) for role, mb in _by_role(psutil.Process(proc.pid), _rss_mb).items()}
         processes = len(psutil.Process(proc.pid).children(recursive=True)) + 1
     finally:
         stop = time.perf_counter()
@@ -85,7 +98,8 @@ def one_run(port: int, settle_s: float, config: str | None = None) -> dict[str, 
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    return {"ready_s": round(ready_s, 1), "first_answer": first, "rss_mb": round(sum(rss.values())),
+    return {"ready_s": round(ready_s, 1), "first_answer": first, "cpu_s_to_ready": round(sum(cpu.values()), 1),
+            "cpu_s_to_ready_by_role": cpu, "rss_mb": round(sum(rss.values())),
             "rss_mb_by_role": rss, "processes": processes, "stop_s": round(time.perf_counter() - stop, 1)}
 
 
@@ -101,14 +115,17 @@ def main() -> int:
     for i in range(args.runs):
         runs.append(one_run(args.port, args.settle, args.config))
         r = runs[-1]
-        print(f"run {i + 1}: all ok after {r['ready_s']} s, {r['rss_mb']:,} MB over {r['processes']} processes, "
+        print(f"run {i + 1}: all ok after {r['ready_s']} s ({r['cpu_s_to_ready']} CPU-s), "
+              f"{r['rss_mb']:,} MB over {r['processes']} processes, "
               f"stopped in {r['stop_s']} s", flush=True)
     report = {"runs": runs, "median_ready_s": statistics.median(r["ready_s"] for r in runs),
               "median_rss_mb": statistics.median(r["rss_mb"] for r in runs),
               "config": args.config or "the embedded default",
               "env": {k: v for k, v in os.environ.items() if k.startswith(("RAY_SERVE", "RAGFAN"))}}
     print(f"median: all ok after {report['median_ready_s']} s, {report['median_rss_mb']:,} MB")
-    print("by role (last run):", ", ".join(f"{k} {v}" for k, v in runs[-1]["rss_mb_by_role"].items()))
+    print("MB by role (last run):", ", ".join(f"{k} {v}" for k, v in runs[-1]["rss_mb_by_role"].items()))
+    print("CPU-s to ready by role (last run):",
+          ", ".join(f"{k} {v}" for k, v in runs[-1]["cpu_s_to_ready_by_role"].items()))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.output}")
