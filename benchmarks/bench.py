@@ -318,11 +318,11 @@ def _app_config(profile: str, artifacts: Path | None, batch: int) -> dict[str, A
     }
 
 
-def served_config(profile: str, artifacts: Path | None, batch: int, encoder: str = "shared", *,
+def served_config(profile: str, artifacts: Path | None, batch: int, encoder: str = "gateway", *,
                   cache: bool = False) -> AppConfig:
-    """`encoder`: where the served dense and graph retrievers' queries are encoded: `shared` (once, on
-    the encoder deployment), `gateway` (once, inside the gateway replica: `encoder.placement: gateway`)
-    or `local` (each retriever with a model of its own).
+    """`encoder`: where the served dense and graph retrievers' queries are encoded: `gateway` (once, in
+    the gateway replica: `encoder.placement: gateway`, the default), `deployment` (once, on the
+    encoder deployment) or `local` (each retriever with a model of its own).
 
     Without `cache` the result cache is off, so every served query is searched, as the in-process
     systems search it; only the `ragfan-cached` runs turn it on (the embedded default's memory cache).
@@ -332,7 +332,7 @@ def served_config(profile: str, artifacts: Path | None, batch: int, encoder: str
         if r["kind"] in ("dense", "graph"):
             r["encoder"] = "local" if encoder == "local" else "shared"
     if encoder != "local":
-        raw["encoder"] = raw.get("encoder", {}) | {"placement": "gateway" if encoder == "gateway" else "deployment"}
+        raw["encoder"] = raw.get("encoder", {}) | {"placement": encoder}
     # The demo's data paths are relative to its config file, as `load_config` resolves them.
     base_dir = DEFAULT_CONFIG.parent if profile == "demo" else Path(".")
     return parse_config(raw, base_dir=base_dir)
@@ -517,7 +517,7 @@ class Workload(NamedTuple):
     cached_config: AppConfig | None = None  # the same app with the result cache on (ragfan-cached)
 
 
-def workload(profile: str | None, dataset: str | None, encoder: str = "shared") -> Workload:
+def workload(profile: str | None, dataset: str | None, encoder: str = "gateway") -> Workload:
     """The retrievers, queries and served app of a profile or dataset, built before Ray starts."""
     if (profile is None) == (dataset is None):
         raise ValueError("give exactly one of --profile seed|demo and --dataset DIR")
@@ -543,7 +543,7 @@ def workload(profile: str | None, dataset: str | None, encoder: str = "shared") 
 
 
 def run_bench(*, profile: str | None, dataset: str | None, concurrencies: Sequence[int], duration_s: float,
-              port: int = 8123, pyspy_s: float | None = None, encoder: str = "shared") -> dict[str, Any]:
+              port: int = 8123, pyspy_s: float | None = None, encoder: str = "gateway") -> dict[str, Any]:
     import ray
     from ray import serve
 
@@ -769,7 +769,7 @@ def _reported_lines(report, *, ceiling: bool) -> list[str]:
 
 
 def main(profile: str | None, dataset: str | None, concurrency: str, duration: float, output: str | None, *,
-         pyspy: float | None = None, pyspy_output: str | None = None, encoder: str = "shared") -> int:
+         pyspy: float | None = None, pyspy_output: str | None = None, encoder: str = "gateway") -> int:
     concurrencies = [int(c) for c in concurrency.split(",") if c.strip()]
     report = run_bench(profile=profile, dataset=dataset, concurrencies=concurrencies, duration_s=duration,
                        pyspy_s=pyspy, encoder=encoder)

@@ -39,7 +39,7 @@ INGRESS_ENV = {
 PORT = 8125
 
 
-def run(dataset: Path, ingress: str, duration_s: float, encoder: str = "shared") -> dict[str, Any]:
+def run(dataset: Path, ingress: str, duration_s: float, encoder: str = "gateway") -> dict[str, Any]:
     import ray
     from ray import serve
 
@@ -83,8 +83,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ingress", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, type=Path, help="a BEIR dataset directory (its test queries)")
     parser.add_argument("--ingress", choices=sorted(INGRESS_ENV), required=True)
-    parser.add_argument("--encoder", choices=["shared", "gateway"], default="shared",
-                        help="queries encoded on the encoder deployment (shared) or inside the gateway replica")
+    parser.add_argument("--encoder", choices=["gateway", "deployment"], default="gateway",
+                        help="queries encoded in the gateway replica (the default) or on an encoder deployment")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--output", help="write the report as JSON here")
     args = parser.parse_args()

@@ -108,7 +108,7 @@ def medians(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def run(dataset: Path, rounds: int, pyspy: bool, *, log_searches: bool = False,
-        encoder: str = "shared") -> dict[str, Any]:
+        encoder: str = "gateway") -> dict[str, Any]:
     import ray
     from ray import serve
 
@@ -160,8 +160,8 @@ def main() -> None:
     parser.add_argument("--pyspy", metavar="FILE", help="also profile hits with py-spy; the summary goes here")
     parser.add_argument("--log-searches", action="store_true", help="the gateway logs a line per search, as "
                         "before gateway.log_searches existed (its default is off)")
-    parser.add_argument("--encoder", choices=["shared", "gateway"], default="shared",
-                        help="queries encoded on the encoder deployment (shared) or inside the gateway replica")
+    parser.add_argument("--encoder", choices=["gateway", "deployment"], default="gateway",
+                        help="queries encoded in the gateway replica (the default) or on an encoder deployment")
     args = parser.parse_args()
     report = run(args.dataset, args.rounds, bool(args.pyspy), log_searches=args.log_searches, encoder=args.encoder)
     print(format_table(report))

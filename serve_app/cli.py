@@ -165,10 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          help="py-spy every served process for SECONDS (at most --duration) during the c=32 "
                               "ragfan-handle run, and summarise where each spends its time (needs root)")
     bench_p.add_argument("--pyspy-output", metavar="FILE", help="write the py-spy summary (markdown) here")
-    bench_p.add_argument("--encoder", choices=["shared", "gateway", "local"], default="shared",
-                         help="where the served app encodes queries: once, on the encoder deployment (shared, "
-                              "the default); once, inside the gateway replica (gateway: encoder.placement: "
-                              "gateway); or in each dense and graph retriever, with a model of its own (local)")
+    bench_p.add_argument("--encoder", choices=["gateway", "deployment", "local"], default="gateway",
+                         help="where the served app encodes queries: once, in the gateway replica (gateway, the "
+                              "default, as encoder.placement: gateway); once, on an encoder deployment "
+                              "(deployment); or in each dense and graph retriever, with a model of its own (local)")
 
     args = parser.parse_args(argv)
     commands = {"serve": serve, "query": query, "reload": reload_command, "apply": apply_command,
