@@ -301,7 +301,7 @@ def app_from_config(config: AppConfig, api_keys: list[str] | None = None) -> App
         user_config={"config": config.model_dump(mode="json")},
     ), config.gateway.model_dump_json(), config.enabled, [d.hex() for d in digests])
     hub = None
-    if config.gateway.metrics:  # the app's hub holds the stats too; a disabled app has none, so a replica of their own
+    if config.gateway.metrics:  # in the app's hub; a disabled app has no hub, so its stats get a replica of their own
         hub = versions if versions is not None else _versioned(_deployment(StatsDeployment)).bind()
     return gateway.bind(config, handles, encoders, stats_hub=hub, api_key_digests=digests, versions=versions)
 
