@@ -23,6 +23,7 @@ import pytest
 import ray
 from ray import serve
 
+from actors.errors import RagError
 from serve_app.app import app_from_config
 from serve_app.client import RagClient
 from serve_app.config import parse_config
@@ -409,6 +410,18 @@ def test_killing_the_http_ingress_under_load_loses_no_search(guard_url):
                 except Exception as exc:
                     lost.append(f"{type(exc).__name__}: {exc}"[:300])
 
+    def steady_answers_everywhere() -> bool:
+        """8 searches in a row answered: both gateway replicas reach `steady`. The test before this one
+        kills a gateway replica and steady's; its replacement's first calls can still miss their deadline."""
+        with RagClient(url=guard_url, api_key=API_KEY, timeout_s=30) as client:
+            try:
+                for _ in range(8):
+                    client.search("vitamin d cancer risk", retrievers=["steady"])
+            except RagError:
+                return False
+        return True
+
+    wait_until(steady_answers_everywhere, 60)
     (name, proxy), = proxy_actors().items()
     proxy_id = proxy._actor_id.hex()
     with ThreadPoolExecutor(4) as pool, _stopping(stop):
