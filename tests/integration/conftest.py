@@ -18,7 +18,8 @@ test that needs it has run (`pytest_runtest_teardown`, at the end of this file):
 - `elastic` (/elastic)   `elastic_url`: one retriever autoscaled from 1 to 3 replicas on short delays
 - `sharded` (/sharded)   `sharded_url`: one dense collection twice, whole and split over two shards
 
-Some test modules deploy an app of their own (test_cache, test_reliability, test_reload, test_writes).
+Some test modules deploy an app of their own (test_cache, test_encoder_placement, test_reliability, test_reload,
+test_writes).
 Ray exports the cluster's metrics for Prometheus on `metrics_port`, every METRICS_REPORT_MS.
 
 Starting Ray costs seconds and loading the model costs more, so everything is session-scoped.
