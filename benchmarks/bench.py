@@ -30,9 +30,9 @@ import platform
 import random
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -481,6 +481,29 @@ def http_run(system: str, c: int, url: str, queries: Sequence[str], duration_s: 
             return await measure_async(system, c, call, queries, duration_s, probe=probe)
 
     return asyncio.run(run())
+
+
+@contextmanager
+def dataset_cluster(dataset: Path) -> Iterator[tuple[Path, list[str]]]:
+    """A local cluster started as `ragfan serve` starts it, with `dataset`'s dense and keyword indexes
+    built (or reused from `ragfan eval`'s cache); yields their directory and the test queries, and
+    shuts the cluster down after."""
+    import ray
+
+    from actors.index import default_cache_dir
+    from actors.ingest import ingest
+    from serve_app.app import serve_env
+    from serve_app.evaluate import load_beir
+
+    artifacts = default_cache_dir() / "datasets" / dataset.resolve().name
+    queries = list(load_beir(dataset, "test")[0].values())
+    with serve_env():
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    try:
+        ingest(dataset / "corpus.jsonl", artifacts, kinds=("dense", "keyword"), progress=False)
+        yield artifacts, queries
+    finally:
+        ray.shutdown()
 
 
 def machine() -> dict[str, Any]:

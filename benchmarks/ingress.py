@@ -29,7 +29,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench import TOP_K, ServedProbe, http_run, machine, measure, served_config, versions
+from benchmarks.bench import (
+    TOP_K,
+    ServedProbe,
+    dataset_cluster,
+    http_run,
+    machine,
+    measure,
+    served_config,
+    versions,
+)
 
 INGRESS_ENV = {
     "proxy": {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
@@ -40,23 +49,14 @@ PORT = 8125
 
 
 def run(dataset: Path, ingress: str, duration_s: float, encoder: str = "gateway") -> dict[str, Any]:
-    import ray
     from ray import serve
 
-    from actors.index import default_cache_dir
-    from actors.ingest import ingest
-    from serve_app.app import app_from_config, serve_env
+    from serve_app.app import app_from_config
     from serve_app.client import RagClient
-    from serve_app.evaluate import load_beir
 
     os.environ.update(INGRESS_ENV[ingress])  # before Ray starts: its processes inherit it
-    artifacts = default_cache_dir() / "datasets" / dataset.resolve().name
-    queries = list(load_beir(dataset, "test")[0].values())
-    with serve_env():
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     runs = []
-    try:
-        ingest(dataset / "corpus.jsonl", artifacts, kinds=("dense", "keyword"), progress=False)  # reuses eval's
+    with dataset_cluster(dataset) as (artifacts, queries):
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         handle = serve.run(app_from_config(served_config("dataset", artifacts, 32, encoder)), name="ragfan-bench",
                            route_prefix="/bench")
@@ -71,9 +71,7 @@ def run(dataset: Path, ingress: str, duration_s: float, encoder: str = "gateway"
                 print(f"{ingress} {r['system']} c={c}: p50 {r['p50_ms']} ms, {r['qps']} QPS, "
                       f"{1000 * r['cpu_s_per_query']:.1f} ms CPU/query", flush=True)
         serve.delete("ragfan-bench")
-    finally:
         serve.shutdown()
-        ray.shutdown()
     return {"benchmark": "ingress", "ingress": ingress, "env": INGRESS_ENV[ingress], "encoder": encoder,
             "dataset": str(dataset), "duration_s": duration_s, "runs": runs, "machine": machine(),
             "versions": versions()}

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench import TOP_K, ServedProbe, closed_loop, machine, served_config, versions
+from benchmarks.bench import TOP_K, ServedProbe, closed_loop, dataset_cluster, machine, served_config, versions
 from benchmarks.profile import Recorder, busiest_pids, to_markdown
 
 ROUNDS = 3
@@ -109,20 +109,11 @@ def medians(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def run(dataset: Path, rounds: int, pyspy: bool, *, log_searches: bool = False,
         encoder: str = "gateway") -> dict[str, Any]:
-    import ray
     from ray import serve
 
-    from actors.index import default_cache_dir
-    from actors.ingest import ingest
-    from serve_app.app import app_from_config, serve_env
-    from serve_app.evaluate import load_beir
+    from serve_app.app import app_from_config
 
-    artifacts = default_cache_dir() / "datasets" / dataset.resolve().name
-    queries = list(load_beir(dataset, "test")[0].values())
-    with serve_env():
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-    try:
-        ingest(dataset / "corpus.jsonl", artifacts, kinds=("dense", "keyword"), progress=False)  # reuses eval's
+    with dataset_cluster(dataset) as (artifacts, queries):
         port = 8000 + os.getpid() % 1000
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = served_config("dataset", artifacts, 32, encoder, cache=True)
@@ -136,8 +127,6 @@ def run(dataset: Path, rounds: int, pyspy: bool, *, log_searches: bool = False,
                                                   for r in all_rounds[-1]), flush=True)
         profiles = asyncio.run(profiled_hits(handle, url, queries)) if pyspy else []
         serve.delete("ragfan-bench")
-    finally:
-        ray.shutdown()
     return {"benchmark": "request_cost", "dataset": str(dataset), "log_searches": log_searches, "encoder": encoder,
             "rounds": all_rounds, "median": medians(all_rounds),
             "pyspy": profiles, "machine": machine(), "versions": versions()}
